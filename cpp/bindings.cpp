@@ -1,0 +1,202 @@
+// Python bindings of the core (the only file that sees Python headers). Arrays arrive as
+// untyped nanobind ndarrays and are checked here, so that a wrong dtype, shape or device is a
+// ValueError naming expected vs actual rather than a generic TypeError.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/vector.h>
+
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "lookup.h"
+#include "lookup_cuda.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace fullvq {
+namespace {
+
+using AnyArray = nb::ndarray<nb::ro>;
+
+std::string shape_of(const AnyArray& a) {
+    std::string s = "(";
+    for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+    return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+std::string dtype_name(nb::dlpack::dtype t) {
+    const char* kind = t.code == uint8_t(nb::dlpack::dtype_code::Float)    ? "float"
+                       : t.code == uint8_t(nb::dlpack::dtype_code::Int)    ? "int"
+                       : t.code == uint8_t(nb::dlpack::dtype_code::UInt)   ? "uint"
+                       : t.code == uint8_t(nb::dlpack::dtype_code::Bool)   ? "bool"
+                       : t.code == uint8_t(nb::dlpack::dtype_code::Complex) ? "complex"
+                                                                             : "bfloat";
+    return t.code == uint8_t(nb::dlpack::dtype_code::Bool) ? "bool" : kind + std::to_string(t.bits);
+}
+
+bool on_cuda(const AnyArray& a) { return a.device_type() == nb::device::cuda::value; }
+
+// A float32 (rows, cols) view of `a`, or std::invalid_argument naming what was expected.
+MatrixView matrix_view(const AnyArray& a, const char* name, const char* expected_shape) {
+    if (a.dtype() != nb::dtype<float>())
+        throw std::invalid_argument(std::string(name) + " must be float32, got " + dtype_name(a.dtype()));
+    if (a.ndim() != 2)
+        throw std::invalid_argument(std::string(name) + " must have shape " + expected_shape + ", got " +
+                                    std::to_string(a.ndim()) + "-D array of shape " + shape_of(a));
+    return MatrixView{static_cast<const float*>(a.data()), int64_t(a.shape(0)), int64_t(a.shape(1)),
+                      a.stride(0), a.stride(1)};
+}
+
+template <class T>
+nb::ndarray<nb::numpy, T, nb::ndim<1>> host_vector(int64_t n) {
+    T* data = new T[size_t(n)];
+    nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+    return nb::ndarray<nb::numpy, T, nb::ndim<1>>(data, {size_t(n)}, owner);
+}
+
+template <class T>
+nb::ndarray<nb::array_api, T, nb::ndim<1>> device_vector(int64_t n, int device) {
+    T* data = static_cast<T*>(cuda::device_alloc(size_t(n) * sizeof(T), device));
+    struct Owner { void* ptr; int device; };
+    nb::capsule owner(new Owner{data, device}, [](void* p) noexcept {
+        auto* o = static_cast<Owner*>(p);
+        cuda::device_free(o->ptr, o->device);
+        delete o;
+    });
+    return nb::ndarray<nb::array_api, T, nb::ndim<1>>(data, {size_t(n)}, owner, {}, nb::dtype<T>(),
+                                                       nb::device::cuda::value, device);
+}
+
+void require_cuda() {
+    if (!cuda::compiled())
+        throw std::invalid_argument("got a CUDA array, but this build of fullvq_rt has no CUDA support: pass a "
+                                    "CPU array, or rebuild with a CUDA toolkit installed");
+}
+
+void require_same_device(const AnyArray& x, bool codebook_on_cuda, int codebook_device) {
+    if (on_cuda(x) != codebook_on_cuda || (codebook_on_cuda && x.device_id() != codebook_device))
+        throw std::invalid_argument(
+            "x and the codebook are on different devices (x on " +
+            std::string(on_cuda(x) ? "cuda:" + std::to_string(x.device_id()) : "cpu") + ", codebook on " +
+            (codebook_on_cuda ? "cuda:" + std::to_string(codebook_device) : "cpu") +
+            "): move both to the same device");
+}
+
+// Results of one lookup: indices, and distances when asked for.
+nb::object host_lookup(int64_t m, bool with_distances, const auto& run) {
+    auto indices = host_vector<int32_t>(m);
+    std::optional<nb::ndarray<nb::numpy, float, nb::ndim<1>>> distances;
+    if (with_distances) distances = host_vector<float>(m);
+    {
+        nb::gil_scoped_release unlocked;
+        run(indices.data(), distances ? distances->data() : nullptr);
+    }
+    if (!with_distances) return nb::cast(indices);
+    return nb::make_tuple(indices, *distances);
+}
+
+nb::object device_lookup(int64_t m, int device, bool with_distances, const auto& run) {
+    auto indices = device_vector<int32_t>(m, device);
+    std::optional<nb::ndarray<nb::array_api, float, nb::ndim<1>>> distances;
+    if (with_distances) distances = device_vector<float>(m, device);
+    {
+        nb::gil_scoped_release unlocked;
+        run(indices.data(), distances ? distances->data() : nullptr);
+    }
+    if (!with_distances) return nb::cast(indices);
+    return nb::make_tuple(indices, *distances);
+}
+
+// One codebook on either device; the Python Codebook wraps this.
+class AnyCodebook {
+public:
+    AnyCodebook(const AnyArray& codes, const std::string& metric, const std::string& kernel) {
+        const MatrixView view = matrix_view(codes, "codebook", "(K, D)");
+        const Metric m = parse_metric(metric);
+        if (on_cuda(codes)) {
+            require_cuda();
+            nb::gil_scoped_release unlocked;
+            gpu_ = std::make_unique<cuda::DeviceCodebook>(view, m, int(codes.device_id()));
+        } else {
+            nb::gil_scoped_release unlocked;
+            cpu_ = std::make_unique<Codebook>(view, m, kernel);
+        }
+        metric_ = metric;
+    }
+
+    nb::object nearest(const AnyArray& x, bool return_distances, int threads) const {
+        require_same_device(x, bool(gpu_), gpu_ ? gpu_->device() : 0);
+        const std::string shape = "(M, " + std::to_string(dim()) + ")";
+        const MatrixView view = matrix_view(x, "x", shape.c_str());
+        if (gpu_)
+            return device_lookup(view.rows, gpu_->device(), return_distances,
+                                 [&](int32_t* i, float* d) { gpu_->nearest(view, i, d); });
+        return host_lookup(view.rows, return_distances,
+                           [&](int32_t* i, float* d) { cpu_->nearest(view, i, d, threads); });
+    }
+
+    int64_t size() const { return gpu_ ? gpu_->size() : cpu_->size(); }
+    int64_t dim() const { return gpu_ ? gpu_->dim() : cpu_->dim(); }
+    const std::string& metric() const { return metric_; }
+    std::string device() const { return gpu_ ? "cuda:" + std::to_string(gpu_->device()) : "cpu"; }
+    std::string kernel() const { return gpu_ ? "cuda" : cpu_->kernel_name(); }
+
+private:
+    std::unique_ptr<Codebook> cpu_;
+    std::unique_ptr<cuda::DeviceCodebook> gpu_;
+    std::string metric_;
+};
+
+nb::object nearest_once(const AnyArray& x, const AnyArray& codes, const std::string& metric, bool return_distances,
+                        int threads, const std::string& kernel) {
+    if (on_cuda(codes)) return AnyCodebook(codes, metric, kernel).nearest(x, return_distances, threads);
+    require_same_device(x, false, 0);
+    const MatrixView cb = matrix_view(codes, "codebook", "(K, D)");
+    const std::string shape = "(M, " + std::to_string(cb.cols) + ")";
+    const MatrixView view = matrix_view(x, "x", shape.c_str());
+    const Metric m = parse_metric(metric);
+    return host_lookup(view.rows, return_distances, [&](int32_t* i, float* d) {
+        fullvq::nearest(view, cb, m, i, d, threads, kernel);
+    });
+}
+
+bool cuda_available() {
+    if constexpr (!cuda::compiled()) return false;
+    try {
+        cuda::device_free(cuda::device_alloc(4, 0), 0);
+        return true;
+    } catch (const std::exception&) {
+        return false;
+    }
+}
+
+}  // namespace
+}  // namespace fullvq
+
+NB_MODULE(_core, m) {
+    using namespace fullvq;
+    m.doc() = "fullvq_rt native core (private: use the fullvq_rt package API).";
+
+    m.def("nearest", &nearest_once, "x"_a, "codebook"_a, "metric"_a = "l2", "return_distances"_a = false,
+          "num_threads"_a = 0, "kernel"_a = "auto",
+          "Index (M,) int32 of the nearest row of codebook (K, D) for each row of x (M, D), both float32.");
+    m.def("cpu_kernels", &available_kernels, "CPU kernels this machine can run, best first.");
+    m.def("cuda_compiled", [] { return cuda::compiled(); }, "Whether this build contains the CUDA kernels.");
+    m.def("cuda_available", &cuda_available, "Whether the CUDA kernels are built and a device is usable.");
+
+    nb::class_<AnyCodebook>(m, "Codebook")
+        .def(nb::init<const AnyArray&, const std::string&, const std::string&>(), "codebook"_a, "metric"_a = "l2",
+             "kernel"_a = "auto")
+        .def("nearest", &AnyCodebook::nearest, "x"_a, "return_distances"_a = false, "num_threads"_a = 0)
+        .def_prop_ro("size", &AnyCodebook::size)
+        .def_prop_ro("dim", &AnyCodebook::dim)
+        .def_prop_ro("metric", &AnyCodebook::metric)
+        .def_prop_ro("device", &AnyCodebook::device)
+        .def_prop_ro("kernel", &AnyCodebook::kernel);
+}

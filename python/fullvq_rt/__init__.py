@@ -1,0 +1,12 @@
+"""fullvq_rt: the fullvq runtime (no torch needed).
+
+>>> import numpy as np, fullvq_rt
+>>> codebook = np.random.default_rng(0).standard_normal((16384, 8), dtype=np.float32)
+>>> fullvq_rt.Codebook(codebook).nearest(codebook[[5, 7]])
+array([5, 7], dtype=int32)
+"""
+
+from .lookup import Codebook, cpu_kernels, cuda_available, nearest
+
+__all__ = ["Codebook", "cpu_kernels", "cuda_available", "nearest"]
+__version__ = "0.1.0"
