@@ -5,6 +5,7 @@
 #include <limits>
 #include <stdexcept>
 
+#include "checks.h"
 #include "kernels.h"
 #include "parallel.h"
 
@@ -13,8 +14,6 @@ namespace {
 
 const Kernel* const kKernels[] = {&kAvx512Kernel, &kAvx2Kernel, &kScalarKernel};
 
-// Squared norms above this could overflow float32 in bias + <x', c> (see check_rows).
-constexpr double kMaxSquaredNorm = 1e37;
 // Packed codes scanned per chunk: sized to stay resident in a core's L2 cache.
 constexpr int64_t kChunkBytes = 256 * 1024;
 // Below this many multiply-adds per thread, starting a thread costs more than it saves.
@@ -42,26 +41,14 @@ std::vector<float> check_rows(const MatrixView& m, const char* what) {
         double sq = 0.0;
         for (int64_t c = 0; c < m.cols; ++c) {
             const float v = m.at(r, c);
-            if (!std::isfinite(v))
-                throw std::invalid_argument(std::string(what) + " row " + std::to_string(r) +
-                                            " contains NaN or Inf; remove or replace non-finite values");
             sq += double(v) * v;
             sum[c] += v;
         }
-        if (sq > kMaxSquaredNorm)
-            throw std::invalid_argument(std::string(what) + " row " + std::to_string(r) + " has squared norm " +
-                                        std::to_string(sq) + " > 1e37, which overflows float32 distances; "
-                                        "rescale the inputs");
+        if (!(sq <= kMaxSquaredNorm)) reject_row(what, r, sq);  // NaN or Inf make sq non-finite
     }
     std::vector<float> mean(m.cols);
     for (int64_t c = 0; c < m.cols; ++c) mean[c] = m.rows ? float(sum[c] / m.rows) : 0.f;
     return mean;
-}
-
-void check_dims(const MatrixView& x, int64_t dim) {
-    if (x.cols != dim)
-        throw std::invalid_argument("x has " + std::to_string(x.cols) + " columns but the codebook dimension is " +
-                                    std::to_string(dim) + ": expected x of shape (M, " + std::to_string(dim) + ")");
 }
 
 // Row r transformed for the metric: l2 -> v - mean, cosine -> v / |v| (zero stays zero).
@@ -178,15 +165,6 @@ void run_scan(const Kernel& kernel, const Queries& q, int64_t m, int64_t d, int6
         indices[i] = best_idx[i];
         if (distances) distances[i] = std::max(0.f, q.offset[i] + best[i]);
     }
-}
-
-void check_codebook_shape(const MatrixView& codes) {
-    if (codes.rows < 1 || codes.cols < 1)
-        throw std::invalid_argument("codebook has shape (" + std::to_string(codes.rows) + ", " +
-                                    std::to_string(codes.cols) + "): expected (K, D) with K >= 1 and D >= 1");
-    if (codes.rows > std::numeric_limits<int32_t>::max())
-        throw std::invalid_argument("codebook has " + std::to_string(codes.rows) +
-                                    " codes: at most 2**31 - 1 are supported (int32 indices)");
 }
 
 }  // namespace
