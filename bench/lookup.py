@@ -1,6 +1,6 @@
 """Nearest-code lookup on the CPU: fullvq_rt against what research code uses, and the floor.
 
-    python bench/lookup.py [--quick] [--repeats N] [--json OUT]
+    python bench/lookup.py [--quick] [--all-kernels] [--repeats N] [--json OUT]
 
 For each (M, K, D): median wall time of each method, its ratio to the compute floor
 M*K*(D+2) / (half the fp32 FLOP/s of a 2048^3 torch matmul measured in this run), and the peak
@@ -10,6 +10,7 @@ memory it adds (resident-set high-water mark, Linux). Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
 import statistics
@@ -23,6 +24,7 @@ import fullvq_rt
 SHAPES = [(4096, 16384, 8), (4096, 16384, 32), (4096, 16384, 256), (1024, 262144, 8), (1024, 262144, 256),
           (256, 16384, 8)]
 QUICK_SHAPES = [(4096, 16384, 8), (256, 16384, 8)]
+LIBC = ctypes.CDLL("libc.so.6")
 
 
 def cpu_model() -> str:
@@ -39,6 +41,7 @@ def rss_status(key: str) -> int:
 
 def measure(fn, repeats: int) -> tuple[float, int]:
     """Median seconds of fn() over `repeats` runs (after one warm-up), and its peak added memory."""
+    LIBC.malloc_trim(0)  # hand freed heap pages back, so that reusing them counts as growth
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
     before = rss_status("VmRSS:")
     fn()
@@ -57,14 +60,14 @@ def matmul_flops(torch) -> float:
     return 2 * 2048**3 / seconds
 
 
-def methods(x, codes, torch, faiss):
+def methods(x, codes, kernels, torch, faiss):
     """name -> zero-argument callable computing the (M,) nearest indices."""
-    book = fullvq_rt.Codebook(codes)
+    books = {kernel: fullvq_rt.Codebook(codes, kernel=kernel) for kernel in kernels}
     tx, tc = torch.from_numpy(x), torch.from_numpy(codes)
     index = faiss.IndexFlatL2(codes.shape[1])
     index.add(codes)
     return {
-        f"fullvq_rt Codebook ({book.kernel})": lambda: book.nearest(x),
+        **{f"fullvq_rt Codebook ({k})": (lambda book=book: book.nearest(x)) for k, book in books.items()},
         "fullvq_rt nearest (one-shot)": lambda: fullvq_rt.nearest(x, codes),
         "torch mm + argmin": lambda: ((tc * tc).sum(1) - 2 * tx @ tc.T).argmin(1),
         "torch cdist + argmin": lambda: torch.cdist(tx, tc).argmin(1),
@@ -76,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two small shapes only")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--all-kernels", action="store_true", help="also time the AVX2 and portable kernels")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
 
@@ -95,7 +99,8 @@ def main() -> None:
         codes = rng.standard_normal((k, d), dtype=np.float32)
         floor = m * k * (d + 2) / (flops / 2)
         reference = None
-        for name, fn in methods(x, codes, torch, faiss).items():
+        kernels = fullvq_rt.cpu_kernels() if args.all_kernels else fullvq_rt.cpu_kernels()[:1]
+        for name, fn in methods(x, codes, kernels, torch, faiss).items():
             seconds, extra = measure(fn, args.repeats)
             result = fn()
             indices = np.asarray(result[1]).ravel() if isinstance(result, tuple) else np.asarray(result)

@@ -166,16 +166,6 @@ nb::object nearest_once(const AnyArray& x, const AnyArray& codes, const std::str
     });
 }
 
-bool cuda_available() {
-    if constexpr (!cuda::compiled()) return false;
-    try {
-        cuda::device_free(cuda::device_alloc(4, 0), 0);
-        return true;
-    } catch (const std::exception&) {
-        return false;
-    }
-}
-
 }  // namespace
 }  // namespace fullvq
 
@@ -187,8 +177,8 @@ NB_MODULE(_core, m) {
           "num_threads"_a = 0, "kernel"_a = "auto",
           "Index (M,) int32 of the nearest row of codebook (K, D) for each row of x (M, D), both float32.");
     m.def("cpu_kernels", &available_kernels, "CPU kernels this machine can run, best first.");
-    m.def("cuda_compiled", [] { return cuda::compiled(); }, "Whether this build contains the CUDA kernels.");
-    m.def("cuda_available", &cuda_available, "Whether the CUDA kernels are built and a device is usable.");
+    m.def("cuda_available", [] { return cuda::device_count() > 0; },
+          "Whether the CUDA kernels are built and a device is usable.");
 
     nb::class_<AnyCodebook>(m, "Codebook")
         .def(nb::init<const AnyArray&, const std::string&, const std::string&>(), "codebook"_a, "metric"_a = "l2",

@@ -1,4 +1,4 @@
-// Portable kernel over GCC/Clang vector extensions (8 lanes), compiled for the baseline target
+// Portable kernel over GCC/Clang vector extensions (4 lanes), compiled for the baseline target
 // only, so it runs on any CPU: the compiler lowers it to SSE2 on x86-64, NEON on arm64.
 #include <cstring>
 
@@ -8,7 +8,7 @@ namespace fullvq {
 namespace {
 
 struct Portable {
-    static constexpr int W = 8, R = 4, NV = 1;
+    static constexpr int W = 4, R = 4, NV = 2;
     typedef float F __attribute__((vector_size(W * sizeof(float))));
     typedef int32_t Mask __attribute__((vector_size(W * sizeof(int32_t))));  // -1 or 0
     static F load(const float* p) { F r; std::memcpy(&r, p, sizeof r); return r; }

@@ -437,6 +437,11 @@ int tiles_per_block(int64_t row_tiles, int n_tiles, int resident_blocks) {
 
 // ---------------------------------------------------------------------------------------------
 
+int device_count() noexcept {
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+}
+
 void* device_alloc(size_t bytes, int device) {
     if (bytes == 0) return nullptr;
     DeviceGuard guard(device);

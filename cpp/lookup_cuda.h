@@ -19,6 +19,9 @@ constexpr bool compiled() {
 #endif
 }
 
+// Number of usable CUDA devices (0 when there is no driver or device); creates no context.
+int device_count() noexcept;
+
 // Device memory for results handed to Python (freed by the returned array's owner).
 void* device_alloc(size_t bytes, int device);
 void device_free(void* ptr, int device) noexcept;

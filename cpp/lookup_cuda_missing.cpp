@@ -12,6 +12,7 @@ namespace {
 }
 }  // namespace
 
+int device_count() noexcept { return 0; }
 void* device_alloc(size_t, int) { missing(); }
 void device_free(void*, int) noexcept {}
 DeviceCodebook::DeviceCodebook(const MatrixView&, Metric, int) { missing(); }
