@@ -24,8 +24,8 @@ struct Kernel {
     void (*scan)(const ScanArgs&);
 };
 
-extern const Kernel kAvx512Kernel;
-extern const Kernel kAvx2Kernel;
+extern const Kernel kAvx512Kernel;  // x86-64 only (FULLVQ_X86_KERNELS)
+extern const Kernel kAvx2Kernel;    // x86-64 only
 extern const Kernel kScalarKernel;
 
 }  // namespace fullvq

@@ -12,7 +12,11 @@
 namespace fullvq {
 namespace {
 
-const Kernel* const kKernels[] = {&kAvx512Kernel, &kAvx2Kernel, &kScalarKernel};
+const Kernel* const kKernels[] = {  // best first
+#ifdef FULLVQ_X86_KERNELS
+    &kAvx512Kernel, &kAvx2Kernel,
+#endif
+    &kScalarKernel};
 
 // Packed codes scanned per chunk: sized to stay resident in a core's L2 cache.
 constexpr int64_t kChunkBytes = 256 * 1024;
@@ -191,7 +195,7 @@ Codebook::Codebook(const MatrixView& codes, Metric metric, const std::string& ke
     const int64_t n_panels = panel_count(size_, width);
     panels_.resize(size_t(n_panels) * dim_ * width);
     bias_.resize(size_t(n_panels) * width);
-    const int tasks = thread_count(0, n_panels, width, dim_);
+    const int tasks = thread_count(0, size_, 1, dim_);  // packing costs about K * D
     parallel_for(tasks, [&](int t) {
         const int64_t p0 = n_panels * t / tasks, p1 = n_panels * (t + 1) / tasks;
         pack_panels(codes, metric_, mean_.data(), width, p0, p1 - p0, panels_.data() + p0 * dim_ * width,

@@ -1,7 +1,10 @@
 #include "parallel.h"
 
 #include <algorithm>
+#include <exception>
 #include <mutex>
+#include <thread>
+#include <vector>
 
 #if defined(__linux__)
 #include <sched.h>

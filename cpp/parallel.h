@@ -1,10 +1,7 @@
 // Minimal fork-join over std::thread: the lookup's only threading primitive.
 #pragma once
 
-#include <exception>
 #include <functional>
-#include <thread>
-#include <vector>
 
 namespace fullvq {
 

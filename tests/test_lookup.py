@@ -70,10 +70,13 @@ def test_all_equal_distances_give_index_zero(kernel):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 5])
-def test_thread_count_does_not_change_results(rng, threads):
-    x, codes = gaussian(rng, 300, 16), gaussian(rng, 9000, 16)
+@pytest.mark.parametrize("m,k", [(300, 9000), (20000, 40)])  # split over codes / over rows
+def test_thread_count_does_not_change_results(rng, threads, m, k):
+    x, codes = gaussian(rng, m, 16), gaussian(rng, k, 16)
     expected = fullvq_rt.nearest(x, codes, num_threads=1)
     np.testing.assert_array_equal(fullvq_rt.nearest(x, codes, num_threads=threads), expected)
+    np.testing.assert_array_equal(fullvq_rt.Codebook(codes).nearest(x, num_threads=threads), expected)
+    assert_nearest(x, codes, expected)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -133,6 +136,13 @@ def test_strided_and_non_contiguous_inputs(rng, kernel):
         expected = fullvq_rt.nearest(np.ascontiguousarray(x), np.ascontiguousarray(codes), kernel=kernel)
         np.testing.assert_array_equal(fullvq_rt.nearest(x, codes, kernel=kernel), expected)
         np.testing.assert_array_equal(fullvq_rt.Codebook(codes, kernel=kernel).nearest(x), expected)
+
+
+def test_torch_cpu_tensors_are_accepted(rng):
+    torch = pytest.importorskip("torch")
+    x, codes = gaussian(rng, 40, 8), gaussian(rng, 500, 8)
+    result = fullvq_rt.nearest(torch.from_numpy(x), torch.from_numpy(codes).double())
+    np.testing.assert_array_equal(result, fullvq_rt.nearest(x, codes))
 
 
 def test_other_float_dtypes_are_converted(rng):
