@@ -1,0 +1,153 @@
+"""The quantizer contract, the bridge, and the detached argmin."""
+
+import pytest
+import torch
+
+from fullvq.config import QuantizerConfig
+from fullvq.lookup import chunked_argmin, nearest_codes
+from fullvq.metrics import CodeCounter
+from fullvq.quantizers import QuantOut, VQBridge, build_quantizer
+from fullvq.quantizers.bridge import check_grid, parse_bridge
+
+NAMES = ["vq", "ema", "fc", "simvq", "bridge", "lc"]
+
+
+@pytest.fixture
+def lc_file(tmp_path):
+    path = tmp_path / "lc.pt"
+    torch.save({"format": "fullvq-lc-codebook", "version": 1, "codebook": torch.randn(256, 24)}, path)
+    return str(path)
+
+
+def make(name, lc_file, **kw):
+    cfg = QuantizerConfig(name=name, codebook_size=256, codebook_dim=8, bridge="XS/4", lc_codebook=lc_file, **kw)
+    return build_quantizer(cfg)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_contract(name, lc_file):
+    torch.manual_seed(0)
+    q = make(name, lc_file)
+    z = torch.randn(3, 8, 5, 4, requires_grad=True)
+    codes = q.bake()  # before the forward pass, which moves the ema codebook
+    out = q(z)
+    assert isinstance(out, QuantOut)
+    assert out.z_q.shape == z.shape and out.indices.shape == (3, 5, 4) and out.indices.dtype == torch.long
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert codes.shape == (256, 8) and codes.dtype == torch.float32 and not codes.requires_grad
+    # z_q holds exactly the chosen (normalised) codes, and they are the nearest ones
+    flat = q.normalize(z.detach().permute(0, 2, 3, 1).reshape(-1, 8))
+    torch.testing.assert_close(out.z_q.detach().permute(0, 2, 3, 1).reshape(-1, 8), codes[out.indices.reshape(-1)])
+    assert torch.equal(out.indices.reshape(-1), chunked_argmin(flat, codes, q.metric))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_straight_through_gradient(name, lc_file):
+    q = make(name, lc_file)
+    z = torch.randn(2, 8, 3, 3, requires_grad=True)
+    out = q(z)
+    weights = torch.randn_like(out.z_q)
+    (out.z_q * weights).sum().backward()
+    if name == "fc":  # through the l2 normalisation: nonzero, not the identity
+        assert z.grad.abs().sum() > 0
+    else:
+        torch.testing.assert_close(z.grad, weights)
+
+
+def test_bridge_gives_every_raw_code_a_gradient(lc_file):
+    q = make("bridge", lc_file)
+    with torch.no_grad():  # a trained head, so that gradients pass back through the ViT
+        q.bridge.head.weight.normal_(std=0.02)
+    out = q(torch.randn(2, 8, 4, 4))
+    out.loss.backward()
+    assert len(out.indices.unique()) < 256  # a sparse assignment...
+    assert (q.raw.grad.abs().sum(1) > 0).all()  # ...still reaches every raw code
+
+
+@pytest.mark.parametrize("name", ["lc", "simvq"])
+def test_frozen_codebooks_get_no_gradient(name, lc_file):
+    q = make(name, lc_file)
+    q(torch.randn(2, 8, 4, 4)).loss.backward()
+    assert not q.frozen.requires_grad and q.frozen.grad is None
+    assert q.projector.weight.grad.abs().sum() > 0
+
+
+def test_bridge_outputs_zeros_at_initialisation():
+    bridge = VQBridge(1024, 8, "S/8")
+    assert torch.equal(bridge(torch.randn(1024, 8)), torch.zeros(1024, 8))
+
+
+def test_bridge_keeps_codes_in_their_grid_patch():
+    # Without the ViT blocks' mixing, output code k may depend only on the raw codes of its own
+    # p x p patch of the sqrt(K) x sqrt(K) grid (code k at row k // side, column k % side).
+    bridge = VQBridge(256, 3, "XS/4")
+    with torch.no_grad():
+        for block in bridge.blocks:
+            block.proj.weight.zero_(), block.proj.bias.zero_(), block.mlp[2].weight.zero_(), block.mlp[2].bias.zero_()
+        bridge.head.weight.normal_()
+    raw = torch.randn(256, 3)
+    base = bridge(raw)
+    patch_of = lambda k: (k // 16 // 4, k % 16 // 4)
+    for k in (0, 5, 77, 255):
+        bumped = raw.clone()
+        bumped[k] += 1.0
+        changed = (bridge(bumped) - base).abs().sum(1) > 1e-6
+        same_patch = torch.tensor([patch_of(j) == patch_of(k) for j in range(256)])
+        assert changed[k] and torch.equal(changed, changed & same_patch) and changed.sum() > 1
+
+
+@pytest.mark.parametrize("k,patch,message", [(1000, 4, "not a perfect square.*use e.g. 784 or 1024"),
+                                             (900, 4, "has side 30, not divisible by 4.*784 or 1024")])
+def test_invalid_bridge_codebook_sizes(k, patch, message):
+    with pytest.raises(ValueError, match=message):
+        check_grid(k, patch)
+
+
+def test_bridge_names():
+    assert parse_bridge("s/4") == (256, 2, 4, 4) and parse_bridge("XL/16")[3] == 16
+    with pytest.raises(ValueError, match="unknown bridge 'M/4'"):
+        parse_bridge("M/4")
+
+
+def test_ema_codebook_moves_towards_assigned_latents():
+    q = build_quantizer(QuantizerConfig(name="ema", codebook_size=4, codebook_dim=2, ema_decay=0.5))
+    target = torch.tensor([3.0, -2.0])
+    for _ in range(30):
+        out = q(target.view(1, 2, 1, 1).expand(4, 2, 2, 2).contiguous())
+    torch.testing.assert_close(q.codebook()[out.indices[0, 0, 0]], target, atol=1e-3, rtol=0)
+
+
+def test_entropy_loss_only_when_weighted(lc_file):
+    off = make("vq", lc_file)(torch.randn(2, 8, 2, 2))
+    on = make("vq", lc_file, entropy_weight=0.1)(torch.randn(2, 8, 2, 2))
+    assert "entropy_loss" not in off.stats and torch.isfinite(on.stats["entropy_loss"])
+
+
+def test_lc_needs_a_matching_codebook_file(lc_file, tmp_path):
+    with pytest.raises(ValueError, match="needs quantizer.lc_codebook=PATH.*build_lc_codebook.py"):
+        make("lc", "")
+    with pytest.raises(ValueError, match="holds 256 codes but codebook_size is 512"):
+        build_quantizer(QuantizerConfig(name="lc", codebook_size=512, lc_codebook=lc_file))
+    with pytest.raises(ValueError, match="does not exist"):
+        make("lc", str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_chunked_argmin_equals_full_argmin(metric):
+    torch.manual_seed(0)
+    z, codes = torch.randn(500, 8), torch.randn(3000, 8)
+    full = chunked_argmin(z, codes, metric, chunk_elements=10**9)
+    assert torch.equal(chunked_argmin(z, codes, metric, chunk_elements=7 * 3000), full)
+    assert torch.equal(nearest_codes(z, codes, metric), full)
+    if metric == "l2":
+        assert torch.equal(full, torch.cdist(z.double(), codes.double()).argmin(1))
+
+
+def test_usage_is_counted_exactly():
+    counter = CodeCounter(10)
+    counter.add(torch.tensor([[1, 1, 2], [9, 1, 2]]))
+    counter.add(torch.tensor([3]))
+    assert counter.num_tokens == 7 and counter.usage == pytest.approx(0.4) and counter.dead_codes == 6
+    uniform = CodeCounter(4)
+    uniform.add(torch.arange(4).repeat(5))
+    assert uniform.perplexity == pytest.approx(4.0)

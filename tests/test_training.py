@@ -1,0 +1,167 @@
+"""Schedule, config overrides, data, checkpoints and the training loop (tiny runs on CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fullvq import checkpoint
+from fullvq.config import Config, apply_override, preset
+from fullvq.data import TrainCrops, heldout_tiles, list_images, open_rgb
+from fullvq.schedule import lr_factor
+from fullvq.trainer import train
+
+FVQ = str(Path(__file__).resolve().parents[1] / "train" / "fvq.py")
+
+
+def test_anneal_schedule_key_steps():
+    f = lambda step: lr_factor(step, 1000, "anneal", warmup=0.1, decay_start=0.5, final_ratio=0.01)
+    assert f(0) == pytest.approx(0.01) and f(49) == pytest.approx(0.5) and f(99) == 1.0
+    assert f(100) == f(499) == 1.0
+    assert f(749) == pytest.approx(1 - 0.99 * 249 / 499)
+    assert f(999) == pytest.approx(0.01)
+
+
+def test_cosine_and_constant_schedules():
+    assert lr_factor(999, 1000, "cosine", warmup=0.1) == pytest.approx(0.01)
+    assert lr_factor(550, 1000, "cosine", warmup=0.1, final_ratio=0.0) == pytest.approx(0.5, abs=0.01)
+    assert lr_factor(999, 1000, "constant") == 1.0
+    with pytest.raises(ValueError, match="unknown schedule 'step'"):
+        lr_factor(5, 10, "step")
+
+
+def test_overrides_are_checked_against_the_config():
+    cfg = preset("tiny")
+    apply_override(cfg, "loss.perceptual_weight=0.5")
+    apply_override(cfg, "model.ch_mult=1,2")
+    apply_override(cfg, "bf16=false")
+    assert cfg.loss.perceptual_weight == 0.5 and cfg.model.ch_mult == (1, 2) and cfg.bf16 is False
+    with pytest.raises(ValueError, match="unknown config key 'learning_rate'.*'lr'"):
+        apply_override(cfg, "learning_rate=1")
+    with pytest.raises(ValueError, match=r"steps='many': expected int"):
+        apply_override(cfg, "steps=many")
+    with pytest.raises(ValueError, match="unknown config section 'optim'"):
+        apply_override(cfg, "optim.lr=1")
+
+
+def test_config_round_trips_through_a_dict():
+    from dataclasses import asdict
+
+    cfg = preset("vq16")
+    assert Config.from_dict(asdict(cfg)) == cfg
+    with pytest.raises(ValueError, match="unknown Config keys.*another version"):
+        Config.from_dict({**asdict(cfg), "frobnicate": 1})
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist: pass --data DIR"):
+        list_images(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no images"):
+        list_images(tmp_path)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="cannot read image .*broken.jpg.*remove or replace"):
+        open_rgb(bad)
+
+
+def test_crops_are_a_function_of_the_index(tmp_path):
+    Image.new("RGB", (80, 40), (200, 10, 10)).save(tmp_path / "a.png")
+    Image.new("RGB", (20, 10), (0, 0, 255)).save(tmp_path / "small.png")  # smaller than a crop
+    files = list_images(tmp_path)
+    a, b = TrainCrops(files, 16, seed=3), TrainCrops(files, 16, seed=3)
+    assert torch.equal(a[7], b[7]) and a[7].shape == (3, 16, 16)
+    assert not torch.equal(a[7], TrainCrops(files, 16, seed=4)[7]) or not torch.equal(a[8], a[7])
+    tiles = heldout_tiles(files, 16)
+    assert tiles.shape[1:] == (3, 16, 16) and tiles.min() >= -1 and tiles.max() <= 1
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    """Two small real photos, so that runs and their evaluation stay fast."""
+    from fullvq.data import default_photos
+
+    folder = tmp_path_factory.mktemp("photos")
+    for i, photo in enumerate(default_photos()[:2]):
+        photo.resize((64, 48)).save(folder / f"{i}.png")
+    return folder
+
+
+def small_config(tmp_path, data, **over) -> Config:
+    cfg = preset("tiny")
+    cfg.out, cfg.steps, cfg.batch_size, cfg.image_size, cfg.log_every = str(tmp_path / "run"), 4, 4, 16, 2
+    cfg.data = str(data)
+    cfg.quantizer.codebook_size, cfg.quantizer.bridge, cfg.eval_crops = 256, "XS/4", 8
+    for k, v in over.items():
+        apply_override(cfg, f"{k}={v}")
+    return cfg
+
+
+def test_resume_continues_bit_identically(tmp_path, photo_dir):
+    straight = small_config(tmp_path / "a", photo_dir)
+    train(straight)
+    interrupted = small_config(tmp_path / "b", photo_dir)
+    assert train(interrupted, stop_at=2) is None
+    assert checkpoint.load(Path(interrupted.out) / "ckpt.pt")["step"] == 2
+    train(interrupted, resume=True)
+    a = checkpoint.load(Path(straight.out) / "ckpt.pt")
+    b = checkpoint.load(Path(interrupted.out) / "ckpt.pt")
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_checkpoint_rebuilds_the_model_alone(tmp_path, photo_dir):
+    cfg = small_config(tmp_path, photo_dir, **{"quantizer.name": "vq"})
+    metrics = train(cfg)
+    out = Path(cfg.out)
+    assert {"usage", "psnr", "num_tokens", "usage_train", "step_time_s"} <= set(json.loads((out / "metrics.json").read_text()))
+    assert metrics["num_tokens"] > 0 and (out / "reconstructions.png").is_file()
+    model, loaded_cfg = checkpoint.load_model(out / "ckpt.pt")
+    assert loaded_cfg == cfg and model.quantize.bake().shape == (256, 8)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    recon, q = model(x)
+    assert recon.shape == x.shape and q.indices.shape == (2, 4, 4)
+
+
+def test_checkpoint_errors(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        checkpoint.load(tmp_path / "junk.pt")
+    torch.save({"format": "fullvq-checkpoint", "version": 99}, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="version 99 fullvq checkpoint"):
+        checkpoint.load(tmp_path / "future.pt")
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a fullvq checkpoint"):
+        checkpoint.load(tmp_path / "other.pt")
+
+
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, FVQ, *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_cli_reports_bad_settings(tmp_path, photo_dir):
+    for args, message in [(["--data", str(tmp_path / "missing")], "does not exist"),
+                          (["--data", str(photo_dir), "--codebook-size", "1000"], "not a perfect square"),
+                          (["no_such_key=1"], "unknown config key 'no_such_key'")]:
+        result = run_cli("--steps", "1", "--out", str(tmp_path / "r"), *args, cwd=tmp_path)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path, photo_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", FVQ,
+         "--steps", "3", "--batch-size", "2", "--image-size", "16", "--codebook-size", "256", "--bridge", "XS/4",
+         "--data", str(photo_dir), "--out", str(tmp_path / "ddp"), "eval_crops=8", "log_every=1"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["num_tokens_train"] == 8 * 16  # both ranks' crops were counted
+    log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3  # only rank 0 writes

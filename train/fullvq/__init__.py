@@ -1,0 +1,1 @@
+"""fullvq: the PyTorch training library (models, quantizers, losses, data, metrics, checkpoints)."""

@@ -1,0 +1,51 @@
+"""ckpt.pt: config (plain dict), model weights, optimiser state, step and RNG state.
+
+Written atomically (temporary file + rename), read with torch.load(weights_only=True), and
+enough on its own to rebuild the model (`load_model`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .io import atomic_save
+
+FORMAT = "fullvq-checkpoint"
+VERSION = 1
+
+
+def save(path: str | Path, state: dict) -> None:
+    """Writes {format, version, **state} to `path` atomically."""
+    atomic_save({"format": FORMAT, "version": VERSION, **state}, path)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The checkpoint dict, after checking that it is a fullvq checkpoint of this version."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: {e}. Is the file complete?") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a fullvq checkpoint (published LlamaGen/FVQ weights need "
+                         f"conversion first)")
+    if state.get("version") != VERSION:
+        raise ValueError(f"{str(path)!r} is a version {state.get('version')} fullvq checkpoint; this fullvq "
+                         f"reads version {VERSION}: use the fullvq release that wrote it")
+    return state
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
+    """(model, config) rebuilt from the checkpoint alone, in eval mode."""
+    from .models import build_model
+
+    state = load(path, map_location)
+    cfg = Config.from_dict(state["config"])
+    model = build_model(cfg, from_checkpoint=True)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg

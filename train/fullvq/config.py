@@ -1,0 +1,168 @@
+"""Training configuration: plain dataclasses, presets, and `key=value` overrides.
+
+A run's whole configuration is one `Config`; checkpoints store it as a plain dict (`asdict`) and
+`Config.from_dict` rebuilds it, so a checkpoint alone is enough to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+QUANTIZERS = ("vq", "ema", "fc", "lc", "simvq", "bridge")
+
+
+@dataclass
+class ModelConfig:
+    """The LlamaGen/taming VQ CNN (fullvq.models.autoencoder)."""
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    norm_groups: int = 32
+    dropout: float = 0.0
+
+
+@dataclass
+class QuantizerConfig:
+    """Which quantizer, and its codebook. `bridge` names a VQBridge config such as "S/4"."""
+
+    name: str = "bridge"
+    codebook_size: int = 16384
+    codebook_dim: int = 8
+    beta: float = 0.25               # commitment weight
+    entropy_weight: float = 0.0      # skipped entirely at 0
+    entropy_temperature: float = 0.01
+    ema_decay: float = 0.99          # ema quantizer
+    bridge: str = "S/4"
+    lc_codebook: str = ""            # lc: file from train/build_lc_codebook.py
+    lc_feature_dim: int = 0          # lc: filled in from that file
+    residual_depth: int = 1          # > 1 wraps the quantizer in residual VQ
+
+
+@dataclass
+class LossConfig:
+    pixel: str = "l2"                # "l2" or "l1"
+    pixel_weight: float = 1.0
+    perceptual_weight: float = 0.0   # LPIPS (VGG)
+    disc_weight: float = 0.0         # PatchGAN hinge; 0 switches the discriminator off
+    disc_start: int = 0              # generator step from which the adversarial loss is used
+    disc_lr: float = 1e-4
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    # data
+    data: str = ""                   # folder of images; "" = the photos that ship in pip packages
+    image_size: int = 32
+    batch_size: int = 32
+    num_workers: int = 0
+    # optimisation
+    steps: int = 3000
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    schedule: str = "anneal"         # "anneal" (FVQ), "cosine" or "constant"
+    warmup: float = 0.05             # fractions of `steps`
+    decay_start: float = 0.5
+    final_lr_ratio: float = 0.01
+    grad_clip: float = 1.0
+    # run
+    out: str = "runs/fvq"
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 1000
+    eval_crops: int = 0              # fresh training crops for usage_train; 0 = 10 tokens per code
+    bf16: bool = True                # autocast on GPU (distances stay fp32)
+
+    @staticmethod
+    def from_dict(d: dict) -> Config:
+        return _from_dict(Config, d)
+
+
+def _tiny() -> Config:
+    """About 0.4M parameters, f = 4 (8x8 tokens per 32 px crop): 3000 steps in minutes on 2 cores."""
+    return Config(
+        preset="tiny",
+        model=ModelConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, norm_groups=8),
+        quantizer=QuantizerConfig(bridge="XS/8"),
+    )
+
+
+def _vq16() -> Config:
+    return Config(
+        preset="vq16", image_size=256, batch_size=128, steps=400_000, lr=1e-4, weight_decay=0.05,
+        model=ModelConfig(),
+        loss=LossConfig(perceptual_weight=1.0, disc_weight=0.5, disc_start=20_000),
+        log_every=100, ckpt_every=5000,
+    )
+
+
+PRESETS = {"tiny": _tiny, "vq16": _vq16}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def _from_dict(cls, d: dict):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        value = d[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            value = _from_dict(hints[f.name], value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}: was this file written by another "
+                         f"version of fullvq?")
+    return cls(**kwargs)
+
+
+def _parse_value(text: str, kind, key: str):
+    origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if origin is tuple:
+            item = typing.get_args(kind)[0]
+            return tuple(item(v) for v in text.strip("()[]").split(",") if v.strip())
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{key}={text!r}: expected {getattr(kind, '__name__', kind)}") from None
+
+
+def apply_override(cfg: Config, assignment: str) -> None:
+    """Applies one `key=value` (dotted keys reach nested sections: `loss.perceptual_weight=1`)."""
+    if "=" not in assignment:
+        raise ValueError(f"expected key=value, got {assignment!r}")
+    key, text = assignment.split("=", 1)
+    *path, name = key.strip().split(".")
+    target = cfg
+    for part in path:
+        if not dataclasses.is_dataclass(getattr(target, part, None)):
+            raise ValueError(f"unknown config section {part!r} in {key!r}; sections: "
+                             f"{[f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]}")
+        target = getattr(target, part)
+    hints = typing.get_type_hints(type(target))
+    if name not in hints or dataclasses.is_dataclass(hints[name]):
+        valid = sorted(n for n, h in hints.items() if not dataclasses.is_dataclass(h))
+        raise ValueError(f"unknown config key {key!r}; valid keys here: {valid}")
+    setattr(target, name, _parse_value(text.strip(), hints[name], key))

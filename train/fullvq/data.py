@@ -1,0 +1,142 @@
+"""Training and evaluation images: a folder of images, or the real photos that ship in pip packages.
+
+Every image is split once: its left three quarters feed training crops, its right quarter is cut
+into non-overlapping held-out tiles. Training crops are a pure function of (seed, step, sample),
+so any number of loader workers, any number of ranks and a resumed run all see the same crops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+HELDOUT_FRACTION = 0.25
+MAX_HELDOUT_IMAGES = 256
+_SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina",
+                   "rocket", "stereo_motorcycle")
+
+
+def default_photos() -> list[Image.Image]:
+    """The RGB photos that ship inside scikit-image, scikit-learn and matplotlib (11, offline)."""
+    import matplotlib.cbook
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = []
+    for name in _SKIMAGE_PHOTOS:
+        array = getattr(skimage.data, name)()
+        photos.append(Image.fromarray(array[0] if isinstance(array, tuple) else array))
+    photos += [Image.fromarray(a) for a in load_sample_images().images]
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        photos.append(Image.open(f).convert("RGB"))
+    return photos
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files below `folder` (recursive, sorted); a clear error when there are none."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {str(root)!r} does not exist: pass --data DIR with a folder of images, "
+                                f"or leave --data out to use the photos that ship with scikit-image")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found below {str(root)!r}")
+    return files
+
+
+def open_rgb(source: Image.Image | Path) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    try:
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"cannot read image {str(source)!r} ({e}): remove or replace the file") from None
+
+
+def split(image: Image.Image, size: int) -> tuple[Image.Image, Image.Image]:
+    """(training region, held-out region): left 3/4 and right 1/4, each at least `size` tall/wide."""
+    w, h = image.size
+    cut = int(round(w * (1 - HELDOUT_FRACTION)))
+    return _at_least(image.crop((0, 0, cut, h)), size), _at_least(image.crop((cut, 0, w, h)), size)
+
+
+def _at_least(image: Image.Image, size: int) -> Image.Image:
+    w, h = image.size
+    if min(w, h) >= size:
+        return image
+    scale = size / min(w, h)
+    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+class TrainCrops(Dataset):
+    """Item i = random crop (3, S, S) in [-1, 1] of a random image's training region, seeded by i."""
+
+    def __init__(self, sources: list, size: int, seed: int):
+        self.sources, self.size, self.seed = sources, size, seed
+        self._cache: dict[int, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def region(self, k: int) -> Image.Image:
+        if k in self._cache:
+            return self._cache[k]
+        region = split(open_rgb(self.sources[k]), self.size)[0]
+        if isinstance(self.sources[k], Image.Image) or len(self._cache) < 64:
+            self._cache[k] = region
+        return region
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        k = int(torch.randint(len(self.sources), (1,), generator=g))
+        region = self.region(k)
+        w, h = region.size
+        x = int(torch.randint(w - self.size + 1, (1,), generator=g))
+        y = int(torch.randint(h - self.size + 1, (1,), generator=g))
+        crop = to_tensor(region.crop((x, y, x + self.size, y + self.size)))
+        return crop.flip(2) if bool(torch.rand(1, generator=g) < 0.5) else crop
+
+
+def heldout_tiles(sources: list, size: int) -> torch.Tensor:
+    """(N, 3, S, S) non-overlapping tiles of the held-out regions (of up to 256 images)."""
+    step = max(1, len(sources) // MAX_HELDOUT_IMAGES)
+    tiles = []
+    for source in sources[::step][:MAX_HELDOUT_IMAGES]:
+        region = to_tensor(split(open_rgb(source), size)[1])
+        _, h, w = region.shape
+        t = region[:, : h - h % size, : w - w % size].unfold(1, size, size).unfold(2, size, size)
+        tiles.append(t.permute(1, 2, 0, 3, 4).reshape(-1, 3, size, size))
+    return torch.cat(tiles)
+
+
+def load_sources(data: str) -> list:
+    """PIL images (default photos) or file paths (a folder)."""
+    return default_photos() if not data else list_images(data)
+
+
+def train_batches(dataset: TrainCrops, batch_size: int, start_step: int, rank: int = 0, world: int = 1,
+                  num_workers: int = 0) -> Iterator[torch.Tensor]:
+    """Endless (B, 3, S, S) batches for this rank, from step `start_step` on."""
+
+    def indices():
+        step = start_step
+        while True:
+            base = (step * world + rank) * batch_size
+            yield from range(base, base + batch_size)
+            step += 1
+
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices(), num_workers=num_workers,
+                        persistent_workers=num_workers > 0)
+    return iter(loader)

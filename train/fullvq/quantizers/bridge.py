@@ -1,0 +1,100 @@
+"""VQBridge (FVQ, Chang et al. 2025): the whole codebook through a small ViT every step.
+
+The raw codebook (K, D) is laid out as a sqrt(K) x sqrt(K) grid of D channels (code k at row
+k // side, column k % side), patchified by a conv with kernel = stride = p, run through pre-LN ViT
+blocks (LayerNorm without affine, GELU-tanh MLP of ratio 2, no positional embedding), normalised,
+projected by a linear layer that starts at zero, and un-patchified back to (K, D). The output
+replaces the codebook, so at initialisation every code is zero, and every raw code receives a
+dense gradient through the shared weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Quantizer
+
+# name -> (width, depth, heads). The paper names its bridges XS..XL with patch 2/4/8; these sizes
+# are fullvq's, chosen so that XS..XL span about 0.1M to 70M parameters.
+BRIDGE_SIZES = {"XS": (128, 2, 2), "S": (256, 2, 4), "B": (512, 4, 8), "L": (768, 6, 12), "XL": (1024, 8, 16)}
+PATCHES = (2, 4, 8, 16)
+
+
+def parse_bridge(name: str) -> tuple[int, int, int, int]:
+    """"S/4" -> (width, depth, heads, patch)."""
+    size, _, patch = name.upper().partition("/")
+    if size not in BRIDGE_SIZES or not patch.isdigit() or int(patch) not in PATCHES:
+        raise ValueError(f"unknown bridge {name!r}: expected SIZE/PATCH with SIZE in {list(BRIDGE_SIZES)} "
+                         f"and PATCH in {list(PATCHES)}, e.g. 'S/4'")
+    return (*BRIDGE_SIZES[size], int(patch))
+
+
+def check_grid(codebook_size: int, patch: int) -> int:
+    """Side of the square code grid; a clear error suggesting valid sizes otherwise."""
+    side = math.isqrt(codebook_size)
+    if side * side == codebook_size and side % patch == 0:
+        return side
+    lower = side - side % patch
+    upper = lower + patch
+    suggest = [s * s for s in (lower, upper) if s > 0]
+    reason = "is not a perfect square" if side * side != codebook_size else f"has side {side}, not divisible by {patch}"
+    raise ValueError(f"bridge codebook size {codebook_size} {reason}: VQBridge lays codes out on a square grid "
+                     f"cut into {patch}x{patch} patches; use e.g. {' or '.join(map(str, suggest))}")
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)). x (B, N, W)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(approximate="tanh"), nn.Linear(2 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, w))
+        return x + self.mlp(self.norm2(x))
+
+
+class VQBridge(nn.Module):
+    """(K, D) raw codes -> (K, D) codes."""
+
+    def __init__(self, codebook_size: int, dim: int, name: str = "S/4"):
+        super().__init__()
+        width, depth, heads, patch = parse_bridge(name)
+        self.side, self.patch, self.dim = check_grid(codebook_size, patch), patch, dim
+        self.patch_embed = nn.Conv2d(dim, width, kernel_size=patch, stride=patch)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.head = nn.Linear(width, patch * patch * dim)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        s, p, d = self.side, self.patch, self.dim
+        grid = codes.T.reshape(1, d, s, s)
+        x = self.patch_embed(grid).flatten(2).transpose(1, 2)  # (1, (s/p)^2, W)
+        for block in self.blocks:
+            x = block(x)
+        x = self.head(self.norm(x))  # (1, (s/p)^2, p*p*D)
+        n = s // p
+        return x.view(n, n, p, p, d).permute(0, 2, 1, 3, 4).reshape(s * s, d)
+
+
+class BridgeQuantizer(Quantizer):
+    def __init__(self, codebook_size: int, dim: int, bridge: str = "S/4", **kw):
+        super().__init__(codebook_size, dim, **kw)
+        self.raw = nn.Parameter(torch.randn(codebook_size, dim))
+        self.bridge = VQBridge(codebook_size, dim, bridge)
+
+    def codebook(self) -> torch.Tensor:
+        return self.bridge(self.raw)

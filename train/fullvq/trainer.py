@@ -1,0 +1,159 @@
+"""The training loop behind train/fvq.py: one process or many (torchrun), CPU or GPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from . import checkpoint, distributed
+from .config import Config
+from .data import TrainCrops, heldout_tiles, load_sources, train_batches
+from .evaluation import save_grid, usage_and_psnr
+from .losses.loss import ReconstructionLoss
+from .metrics import CodeCounter, psnr
+from .models import build_model
+from .schedule import lr_factor
+
+EVAL_TOKENS_PER_CODE = 10
+
+
+def train(cfg: Config, resume: bool = False, stop_at: int | None = None) -> dict | None:
+    """Trains to cfg.steps (or until `stop_at`, checkpointing there) and returns the final metrics
+    on rank 0 (None elsewhere, and when stopped early). `resume` continues cfg.out/ckpt.pt."""
+    d = distributed.setup()
+    try:
+        return _train(cfg, d, resume, stop_at)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) -> dict | None:
+    out = Path(cfg.out)
+    ckpt_path = out / "ckpt.pt"
+    state = None
+    if resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {str(ckpt_path)!r}; run without --resume to start")
+        state = checkpoint.load(ckpt_path)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, from_checkpoint=state is not None).to(d.device)
+    criterion = ReconstructionLoss(cfg.loss).to(d.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    disc_optimizer = None
+    if criterion.discriminator is not None:
+        disc_optimizer = torch.optim.Adam(criterion.discriminator.parameters(), lr=cfg.loss.disc_lr, betas=cfg.betas)
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if disc_optimizer is not None:
+            criterion.discriminator.load_state_dict(state["discriminator"])
+            disc_optimizer.load_state_dict(state["disc_optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+
+    net, crit = model, criterion
+    if d.world > 1:
+        net = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        if criterion.discriminator is not None:
+            crit = DDP(criterion, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and d.device.type == "cuda"
+                else nullcontext())
+
+    sources = load_sources(cfg.data)
+    batches = train_batches(TrainCrops(sources, cfg.image_size, cfg.seed), cfg.batch_size, step, d.rank, d.world,
+                            cfg.num_workers)
+    window = CodeCounter(cfg.quantizer.codebook_size, d.device)
+    window_psnr, step_times = [], []
+    last = min(cfg.steps, stop_at or cfg.steps)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not d.main, desc=f"fvq {cfg.quantizer.name}",
+               dynamic_ncols=True, mininterval=1.0)
+    model.train()
+    while step < last:
+        started = time.perf_counter()
+        lr = cfg.lr * lr_factor(step, cfg.steps, cfg.schedule, cfg.warmup, cfg.decay_start, cfg.final_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = next(batches).to(d.device, non_blocking=True)
+        with autocast:
+            recon, quant = net(x)
+            rec_loss, stats = crit("generator", x, recon.float(), step)
+            loss = rec_loss + quant.loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {float(loss)} at step {step}: lower --lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if criterion.adversarial(step):
+            with autocast:
+                d_loss = crit("discriminator", x, recon.float(), step)
+            disc_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_optimizer.step()
+        window.add(quant.indices)
+        window_psnr.append(psnr(recon.detach(), x).mean())
+        step += 1
+        step_times.append(time.perf_counter() - started)
+        if step % cfg.log_every == 0 or step == last:
+            usage = window.reduce().usage
+            log = {"step": step, "lr": lr, "loss": float(loss.detach()), "usage": usage,
+                   "psnr": float(distributed.mean_across(torch.stack(window_psnr).mean())),
+                   **{k: float(v) for k, v in stats.items()}, **{k: float(v) for k, v in quant.stats.items()}}
+            window, window_psnr = CodeCounter(cfg.quantizer.codebook_size, d.device), []
+            if d.main:
+                bar.set_postfix(loss=f"{log['loss']:.4f}", usage=f"{usage:.1%}", psnr=f"{log['psnr']:.2f}")
+                out.mkdir(parents=True, exist_ok=True)
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(log) + "\n")
+        if d.main and (step % cfg.ckpt_every == 0 or step == last):
+            checkpoint.save(ckpt_path, _state(cfg, model, optimizer, criterion, disc_optimizer, step))
+        bar.update(1)
+    bar.close()
+    if step < cfg.steps:
+        return None
+    return _final_evaluation(cfg, model, sources, d, step_times)
+
+
+def _state(cfg, model, optimizer, criterion, disc_optimizer, step) -> dict:
+    state = {"config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "step": step, "rng": torch.get_rng_state()}
+    if disc_optimizer is not None:
+        state["discriminator"] = criterion.discriminator.state_dict()
+        state["disc_optimizer"] = disc_optimizer.state_dict()
+    return state
+
+
+def _final_evaluation(cfg: Config, model, sources, d: distributed.Dist, step_times: list[float]) -> dict | None:
+    """metrics.json (held-out usage/PSNR, usage over fresh training crops, step time) and a grid."""
+    model.eval()
+    heldout = heldout_tiles(sources, cfg.image_size)
+    metrics = usage_and_psnr(model, heldout[d.rank::d.world], cfg.batch_size, d.device)
+    tokens_per_crop = (cfg.image_size // 2 ** (len(cfg.model.ch_mult) - 1)) ** 2
+    n_crops = cfg.eval_crops or math.ceil(EVAL_TOKENS_PER_CODE * cfg.quantizer.codebook_size / tokens_per_crop)
+    fresh = TrainCrops(sources, cfg.image_size, cfg.seed + 1)
+    on_train = usage_and_psnr(model, torch.stack([fresh[i] for i in range(d.rank, n_crops, d.world)]),
+                              cfg.batch_size, d.device)
+    if not d.main:
+        return None
+    skip = min(len(step_times) - 1, max(1, len(step_times) // 10))  # leave out start-up steps
+    metrics.update(
+        quantizer=cfg.quantizer.name, codebook_size=cfg.quantizer.codebook_size, steps=cfg.steps,
+        usage_train=on_train["usage"], num_tokens_train=on_train["num_tokens"],
+        step_time_s=sum(step_times[skip:]) / max(1, len(step_times) - skip),
+    )
+    out = Path(cfg.out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    with torch.no_grad():
+        x = heldout[:16].to(d.device)
+        save_grid(out / "reconstructions.png", x, model(x)[0])
+    return metrics
