@@ -139,4 +139,4 @@ def test_indivisible_norm_groups_raises(module):
 
 def test_mismatched_z_channels_raises():
     with pytest.raises(ValueError, match="z_channels"):
-        VQModel(Encoder(**{**TINY, "z_channels": 32}), Decoder(**{**TINY, "z_channels": 64}), IdentityQuantizer(), 8)
+        VQModel(Encoder(**TINY), Decoder(**{**TINY, "z_channels": 64}), IdentityQuantizer(), 8)

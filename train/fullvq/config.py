@@ -33,10 +33,12 @@ class QuantizerConfig:
     codebook_size: int = 16384
     codebook_dim: int = 8
     beta: float = 0.25               # commitment weight
+    l2_norm: bool = False            # l2-normalise latents and codes, match by cosine (fc always does)
     entropy_weight: float = 0.0      # skipped entirely at 0
     entropy_temperature: float = 0.01
     ema_decay: float = 0.99          # ema quantizer
     bridge: str = "S/4"
+    bridge_head_init_std: float = 1e-3  # 0 = the paper's exact zero start (ties every code at step 0)
     lc_codebook: str = ""            # lc: file from train/build_lc_codebook.py
     lc_feature_dim: int = 0          # lc: filled in from that file
     residual_depth: int = 1          # > 1 wraps the quantizer in residual VQ
@@ -91,7 +93,7 @@ def _tiny() -> Config:
     return Config(
         preset="tiny",
         model=ModelConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, norm_groups=8),
-        quantizer=QuantizerConfig(bridge="XS/8"),
+        quantizer=QuantizerConfig(bridge="XS/4"),
     )
 
 

@@ -1,6 +1,6 @@
 """The detached nearest-code argmin used by every quantizer.
 
-CPU: fullvq_rt's native lookup (exact, multi-threaded, no M x K matrix). CUDA: fullvq_rt's fused
+CPU: fullvq_rt's native lookup (exact, no M x K matrix) on torch's thread count. CUDA: fullvq_rt's fused
 kernel when the extension was built with CUDA, else torch in row chunks. Always fp32.
 """
 
@@ -18,7 +18,8 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2") -
     """z (M, D), codebook (K, D) -> (M,) int64 index of the nearest code (ties: lowest index)."""
     z, codebook = z.detach().float(), codebook.detach().float()
     if z.device.type == "cpu":
-        return torch.from_numpy(fullvq_rt.nearest(z.numpy(), codebook.numpy(), metric).astype(np.int64))
+        indices = fullvq_rt.nearest(z.numpy(), codebook.numpy(), metric, num_threads=torch.get_num_threads())
+        return torch.from_numpy(indices.astype(np.int64))
     if z.is_cuda and fullvq_rt.cuda_available():
         return torch.from_dlpack(fullvq_rt.nearest(z.contiguous(), codebook.contiguous(), metric)).long()
     return chunked_argmin(z, codebook, metric)

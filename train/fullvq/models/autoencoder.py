@@ -155,7 +155,8 @@ class Encoder(nn.Module):
         c_in = ch
         for i, mult in enumerate(ch_mult):
             c_out = ch * mult
-            res = [ResnetBlock(c_in if j == 0 else c_out, c_out, dropout, norm_groups) for j in range(num_res_blocks)]
+            res = [ResnetBlock(c_in if j == 0 else c_out, c_out, dropout, norm_groups)
+                   for j in range(num_res_blocks)]
             last = i == levels - 1
             attn = [AttnBlock(c_out, norm_groups) for _ in range(num_res_blocks)] if last else []
             self.conv_blocks.append(_level(res, attn, None if last else ("downsample", Downsample(c_out))))
@@ -205,7 +206,8 @@ class Decoder(nn.Module):
         self.conv_blocks = nn.ModuleList()
         for level in reversed(range(levels)):
             c_out = ch * ch_mult[level]
-            res = [ResnetBlock(c_in if j == 0 else c_out, c_out, dropout, norm_groups) for j in range(num_res_blocks + 1)]
+            res = [ResnetBlock(c_in if j == 0 else c_out, c_out, dropout, norm_groups)
+                   for j in range(num_res_blocks + 1)]
             lowest = level == levels - 1
             attn = [AttnBlock(c_out, norm_groups) for _ in range(num_res_blocks + 1)] if lowest else []
             self.conv_blocks.append(_level(res, attn, None if level == 0 else ("upsample", Upsample(c_out))))

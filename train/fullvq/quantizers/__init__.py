@@ -16,7 +16,8 @@ __all__ = ["QuantOut", "Quantizer", "VQBridge", "build_quantizer"]
 
 
 def _build_one(cfg: QuantizerConfig, centres=None):
-    common = dict(beta=cfg.beta, entropy_weight=cfg.entropy_weight, entropy_temperature=cfg.entropy_temperature)
+    common = dict(beta=cfg.beta, entropy_weight=cfg.entropy_weight, entropy_temperature=cfg.entropy_temperature,
+                  l2_norm=cfg.l2_norm)
     k, d = cfg.codebook_size, cfg.codebook_dim
     if cfg.name == "vq":
         return VQ(k, d, **common)
@@ -27,7 +28,7 @@ def _build_one(cfg: QuantizerConfig, centres=None):
     if cfg.name == "simvq":
         return SimVQ(k, d, **common)
     if cfg.name == "bridge":
-        return BridgeQuantizer(k, d, cfg.bridge, **common)
+        return BridgeQuantizer(k, d, cfg.bridge, cfg.bridge_head_init_std, **common)
     if cfg.name == "lc":
         return LCQuantizer(k, d, cfg.lc_feature_dim, centres, **common)
     raise ValueError(f"unknown quantizer {cfg.name!r}: expected one of vq, ema, fc, lc, simvq, bridge")

@@ -29,24 +29,28 @@ class QuantOut:
 class Quantizer(nn.Module):
     """Nearest-code quantisation with a straight-through estimator.
 
-    Subclasses define `codebook()`; they may override `normalize` (applied to latents and codes
-    alike) and set `codebook_loss = False` when the codebook is not learned through the loss.
+    Subclasses define `codebook()` and set `codebook_loss = False` when the codebook is not learned
+    through the loss. With `l2_norm`, latents and codes are l2-normalised (LlamaGen's
+    codebook_l2_norm) and matched by cosine.
     """
 
-    metric = "l2"
     codebook_loss = True
 
     def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, entropy_weight: float = 0.0,
-                 entropy_temperature: float = 0.01):
+                 entropy_temperature: float = 0.01, l2_norm: bool = False):
         super().__init__()
-        self.codebook_size, self.dim = codebook_size, dim
+        self.codebook_size, self.dim, self.l2_norm = codebook_size, dim, l2_norm
         self.beta, self.entropy_weight, self.entropy_temperature = beta, entropy_weight, entropy_temperature
+
+    @property
+    def metric(self) -> str:
+        return "cosine" if self.l2_norm else "l2"
 
     def codebook(self) -> torch.Tensor:
         raise NotImplementedError
 
     def normalize(self, v: torch.Tensor) -> torch.Tensor:
-        return v
+        return F.normalize(v, dim=-1) if self.l2_norm else v
 
     @torch.no_grad()
     def bake(self) -> torch.Tensor:

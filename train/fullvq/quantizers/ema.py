@@ -10,6 +10,8 @@ class EMAVQ(Quantizer):
     codebook_loss = False
 
     def __init__(self, codebook_size: int, dim: int, decay: float = 0.99, eps: float = 1e-5, **kw):
+        if kw.get("l2_norm"):
+            raise ValueError("quantizer.l2_norm is not supported by the ema quantizer (its averages are not unit vectors)")
         super().__init__(codebook_size, dim, **kw)
         self.decay, self.eps = decay, eps
         weight = torch.randn(codebook_size, dim)

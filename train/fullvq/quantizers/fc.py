@@ -1,13 +1,8 @@
-"""Factorised, l2-normalised codes (ViT-VQGAN / LlamaGen): low dimension, cosine matching."""
-
-import torch
-import torch.nn.functional as F
+"""Factorised, l2-normalised codes (ViT-VQGAN / LlamaGen): plain VQ at low dimension, cosine matching."""
 
 from .vq import VQ
 
 
 class FactorizedVQ(VQ):
-    metric = "cosine"
-
-    def normalize(self, v: torch.Tensor) -> torch.Tensor:
-        return F.normalize(v, dim=-1)
+    def __init__(self, codebook_size: int, dim: int, **kw):
+        super().__init__(codebook_size, dim, **{**kw, "l2_norm": True})
