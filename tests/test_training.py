@@ -144,6 +144,18 @@ def run_cli(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, FVQ, *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
+def test_cli_resume_uses_the_runs_own_config(tmp_path, photo_dir):
+    args = ["--data", str(photo_dir), "--out", str(tmp_path / "r"), "--image-size", "16", "--batch-size", "2",
+            "--codebook-size", "256", "--quantizer", "vq", "eval_crops=4"]
+    assert run_cli(*args, "--steps", "2", cwd=tmp_path).returncode == 0
+    resumed = run_cli("--out", str(tmp_path / "r"), "--resume", "--steps", "3", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    state = checkpoint.load(tmp_path / "r" / "ckpt.pt")
+    assert state["step"] == 3 and state["config"]["quantizer"]["name"] == "vq"
+    missing = run_cli("--out", str(tmp_path / "none"), "--resume", cwd=tmp_path)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
 def test_cli_reports_bad_settings(tmp_path, photo_dir):
     for args, message in [(["--data", str(tmp_path / "missing")], "does not exist"),
                           (["--data", str(photo_dir), "--codebook-size", "1000"], "not a perfect square"),

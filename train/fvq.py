@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from fullvq.config import QUANTIZERS, PRESETS, apply_override, preset
+from fullvq import checkpoint
+from fullvq.config import PRESETS, QUANTIZERS, Config, apply_override, preset
 from fullvq.trainer import train
 
 FLAGS = {  # flag -> config key
@@ -44,12 +46,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
     cfg = preset(args.preset)
     try:
+        if args.resume:  # the run's own config; flags given now change it (e.g. --steps to extend)
+            out = args.out or cfg.out
+            cfg = Config.from_dict(checkpoint.load(Path(out) / "ckpt.pt")["config"])
         for flag, key in FLAGS.items():
             if getattr(args, flag) is not None:
                 apply_override(cfg, f"{key}={getattr(args, flag)}")
         for assignment in args.overrides:
             apply_override(cfg, assignment)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"fvq.py: {e}")
     metrics = train(cfg, resume=args.resume)
     if metrics is not None:
