@@ -106,15 +106,6 @@ def test_kmeans_needs_at_least_k_features():
         lc.kmeans(torch.tensor([[0.0], [float("nan")]]), 1)
 
 
-def test_chunked_assignment_matches_fullvq_rt():
-    """The GPU path's chunked matmul + argmin, run on the CPU with many small chunks."""
-    g = torch.Generator().manual_seed(0)
-    x, centres = torch.randn(1000, 16, generator=g) + 3, torch.randn(300, 16, generator=g) + 3
-    chunked = lc._assign_chunked(x, centres, chunk_elems=300 * 37)
-    exact = torch.from_numpy(fullvq_rt.nearest(x.numpy(), centres.numpy())).long()
-    assert torch.equal(chunked, exact)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kmeans_on_cuda_matches_cpu():

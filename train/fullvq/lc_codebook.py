@@ -19,16 +19,15 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-import fullvq_rt
 from fullvq.data import default_photos, list_images
 from fullvq.io import atomic_save
+from fullvq.lookup import nearest_codes
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,6 @@ _EFFNET_MAX_STRIDE = 16  # feature stage of EfficientNet-Lite0: the last one at 
 # ImageNet mean/std gives the same top-1 on the clear ones (chelsea, coffee, rocket) with lower confidence.
 _EFFNET_MEAN = (127.0 / 255.0,) * 3
 _EFFNET_STD = (128.0 / 255.0,) * 3
-_GPU_CHUNK_ELEMS = 1 << 26  # distance block of the chunked GPU assignment: 256 MiB of float32
 _SUM_CHUNK_ROWS = 1 << 16  # rows per float64 partial sum of the centre update
 
 
@@ -341,27 +339,6 @@ def extract_patch_features(
 # ------------------------------------------------------------------------------------------------
 
 
-def _assign_chunked(x: torch.Tensor, centres: torch.Tensor,
-                    chunk_elems: int = _GPU_CHUNK_ELEMS) -> torch.Tensor:
-    """Nearest centre by torch matmul + argmin over row chunks (no full N x k matrix).
-    x (N, C), centres (k, C) -> (N,) int64, on their device."""
-    half_sq = 0.5 * (centres * centres).sum(1)  # argmin |x - c|^2 = argmin (|c|^2 / 2 - <x, c>)
-    rows = max(1, chunk_elems // centres.shape[0])
-    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for start in range(0, x.shape[0], rows):
-        block = torch.addmm(half_sq, x[start:start + rows], centres.T, alpha=-1.0)
-        out[start:start + rows] = block.argmin(1)
-    return out
-
-
-def _assign(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """x (N, C), centres (k, C) -> nearest-centre index (N,) int64: fullvq_rt on CPU (exact, no
-    N x k matrix), chunked torch on other devices."""
-    if x.device.type == "cpu":
-        return torch.from_numpy(fullvq_rt.nearest(x.numpy(), centres.numpy())).long()
-    return _assign_chunked(x, centres)
-
-
 def _kmeanspp(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
     """k-means++ seeding (D^2 sampling): k sequential passes over x (N, C) -> (k, C)."""
     n = x.shape[0]
@@ -391,9 +368,9 @@ def kmeans(
     """Lloyd's k-means on features (N, C) -> centres (k, C) float32, on the features' device.
 
     ``init``: "random" (k distinct data points; O(N)) or "k-means++" (better seeds, but k
-    sequential passes over the data: slow at k in the tens of thousands). Assignment is exact:
-    fullvq_rt.nearest on CPU, chunked matmul + argmin on GPU. A cluster left empty is re-seeded at
-    the point farthest from its centre. Stops early when no assignment changes. Deterministic for
+    sequential passes over the data: slow at k in the tens of thousands). Assignment is exact
+    (fullvq.lookup.nearest_codes: fullvq_rt on CPU, the CUDA kernel or torch chunks on GPU). A
+    cluster left empty is re-seeded at the point farthest from its centre. Stops early when no assignment changes. Deterministic for
     a seed (on GPU up to float rounding; centre sums are accumulated in float64).
     ``device``: where to compute (default: the features' device).
     """
@@ -422,7 +399,7 @@ def kmeans(
     previous = None
     bar = tqdm(range(iters), desc=f"k-means k={k}", unit="iter", disable=not progress)
     for it in bar:
-        assign = _assign(x, centres)
+        assign = nearest_codes(x, centres)
         counts = torch.bincount(assign, minlength=k)
         sums = torch.zeros(k, dim, dtype=torch.float64, device=device)
         for start in range(0, n, _SUM_CHUNK_ROWS):
