@@ -101,10 +101,11 @@ def small_config(tmp_path, data, **over) -> Config:
     return cfg
 
 
-def test_resume_continues_bit_identically(tmp_path, photo_dir):
-    straight = small_config(tmp_path / "a", photo_dir)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
+def test_resume_continues_bit_identically(tmp_path, photo_dir, ema_decay):
+    straight = small_config(tmp_path / "a", photo_dir, ema_decay=ema_decay)
     train(straight)
-    interrupted = small_config(tmp_path / "b", photo_dir)
+    interrupted = small_config(tmp_path / "b", photo_dir, ema_decay=ema_decay)
     assert train(interrupted, stop_at=2) is None
     assert checkpoint.load(Path(interrupted.out) / "ckpt.pt")["step"] == 2
     train(interrupted, resume=True)
@@ -113,6 +114,22 @@ def test_resume_continues_bit_identically(tmp_path, photo_dir):
     assert a["step"] == b["step"] == 4
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    assert ("ema" in a) == (ema_decay > 0)
+    for key in a.get("ema", {}):
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+
+
+def test_load_model_prefers_the_weight_ema(tmp_path, photo_dir):
+    cfg = small_config(tmp_path, photo_dir, ema_decay=0.5)
+    train(cfg)
+    path = Path(cfg.out) / "ckpt.pt"
+    state = checkpoint.load(path)
+    averaged, _ = checkpoint.load_model(path)
+    trained, _ = checkpoint.load_model(path, ema=False)
+    key = "encoder.conv_in.weight"
+    assert torch.equal(averaged.state_dict()[key], state["ema"]["module." + key])
+    assert torch.equal(trained.state_dict()[key], state["model"][key])
+    assert not torch.equal(averaged.state_dict()[key], trained.state_dict()[key])
 
 
 def test_checkpoint_rebuilds_the_model_alone(tmp_path, photo_dir):

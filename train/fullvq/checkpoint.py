@@ -40,12 +40,17 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     return state
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
-    """(model, config) rebuilt from the checkpoint alone, in eval mode."""
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", ema: bool = True):
+    """(model, config) rebuilt from the checkpoint alone, in eval mode: the EMA of the weights when
+    the run kept one (and `ema`), else the trained weights."""
     from .models import build_model
 
     state = load(path, map_location)
     cfg = Config.from_dict(state["config"])
     model = build_model(cfg, from_checkpoint=True)
-    model.load_state_dict(state["model"])
+    if ema and "ema" in state:
+        model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()
+                               if k.startswith("module.")})
+    else:
+        model.load_state_dict(state["model"])
     return model.eval(), cfg

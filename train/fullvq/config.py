@@ -75,6 +75,7 @@ class Config:
     decay_start: float = 0.5
     final_lr_ratio: float = 0.01
     grad_clip: float = 1.0
+    ema_decay: float = 0.0           # > 0 keeps an EMA of the weights, used by evaluation and export
     # run
     out: str = "runs/fvq"
     seed: int = 0
@@ -99,7 +100,7 @@ def _tiny() -> Config:
 
 def _vq16() -> Config:
     return Config(
-        preset="vq16", image_size=256, batch_size=128, steps=400_000, lr=1e-4, weight_decay=0.05,
+        preset="vq16", image_size=256, batch_size=128, steps=400_000, lr=1e-4, weight_decay=0.05, ema_decay=0.9999,
         model=ModelConfig(),
         loss=LossConfig(perceptual_weight=1.0, disc_weight=0.5, disc_start=20_000),
         log_every=100, ckpt_every=5000,

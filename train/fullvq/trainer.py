@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from . import checkpoint, distributed
@@ -47,6 +48,9 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
     model = build_model(cfg, from_checkpoint=state is not None).to(d.device)
     criterion = ReconstructionLoss(cfg.loss).to(d.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     disc_optimizer = None
     if criterion.discriminator is not None:
         disc_optimizer = torch.optim.Adam(criterion.discriminator.parameters(), lr=cfg.loss.disc_lr, betas=cfg.betas)
@@ -54,6 +58,8 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         if disc_optimizer is not None:
             criterion.discriminator.load_state_dict(state["discriminator"])
             disc_optimizer.load_state_dict(state["disc_optimizer"])
@@ -94,6 +100,8 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         if criterion.adversarial(step):
             with autocast:
                 d_loss = crit("discriminator", x, recon.float(), step)
@@ -116,17 +124,19 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(log) + "\n")
         if d.main and (step % cfg.ckpt_every == 0 or step == last):
-            checkpoint.save(ckpt_path, _state(cfg, model, optimizer, criterion, disc_optimizer, step))
+            checkpoint.save(ckpt_path, _state(cfg, model, ema, optimizer, criterion, disc_optimizer, step))
         bar.update(1)
     bar.close()
     if step < cfg.steps:
         return None
-    return _final_evaluation(cfg, model, sources, d, step_times)
+    return _final_evaluation(cfg, model if ema is None else ema.module, sources, d, step_times)
 
 
-def _state(cfg, model, optimizer, criterion, disc_optimizer, step) -> dict:
+def _state(cfg, model, ema, optimizer, criterion, disc_optimizer, step) -> dict:
     state = {"config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "step": step, "rng": torch.get_rng_state()}
+    if ema is not None:
+        state["ema"] = ema.state_dict()  # module.* weights and n_averaged
     if disc_optimizer is not None:
         state["discriminator"] = criterion.discriminator.state_dict()
         state["disc_optimizer"] = disc_optimizer.state_dict()
@@ -134,7 +144,8 @@ def _state(cfg, model, optimizer, criterion, disc_optimizer, step) -> dict:
 
 
 def _final_evaluation(cfg: Config, model, sources, d: distributed.Dist, step_times: list[float]) -> dict | None:
-    """metrics.json (held-out usage/PSNR, usage over fresh training crops, step time) and a grid."""
+    """metrics.json (held-out usage/PSNR, usage over fresh training crops, step time) and a grid,
+    of `model` (the EMA weights when the run keeps them)."""
     model.eval()
     heldout = heldout_tiles(sources, cfg.image_size)
     cheap = {"lpips_net": "", "fid": False}  # LPIPS and rFID: train/evaluate.py
