@@ -115,6 +115,11 @@ def test_resume_continues_bit_identically(tmp_path, photo_dir, ema_decay):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert ("ema" in a) == (ema_decay > 0)
+    steps = [json.loads(line)["step"] for line in (Path(interrupted.out) / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+    train(interrupted)  # a new run in the same folder starts a new log
+    steps = [json.loads(line)["step"] for line in (Path(interrupted.out) / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
     for key in a.get("ema", {}):
         assert torch.equal(a["ema"][key], b["ema"][key]), key
 

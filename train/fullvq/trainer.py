@@ -77,6 +77,8 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
     sources = load_sources(cfg.data)
     batches = train_batches(TrainCrops(sources, cfg.image_size, cfg.seed), cfg.batch_size, step, d.rank, d.world,
                             cfg.num_workers)
+    if d.main:
+        _truncate_log(out / "log.jsonl", step)
     window = CodeCounter(cfg.quantizer.codebook_size, d.device)
     window_psnr, step_times = [], []
     last = min(cfg.steps, stop_at or cfg.steps)
@@ -130,6 +132,13 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
     if step < cfg.steps:
         return None
     return _final_evaluation(cfg, model if ema is None else ema.module, sources, d, step_times)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keeps the log lines up to `step` (all of a resumed run's checkpointed past, none of a new run)."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
 def _state(cfg, model, ema, optimizer, criterion, disc_optimizer, step) -> dict:
