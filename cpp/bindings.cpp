@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "gather.h"
 #include "lookup.h"
 #include "lookup_cuda.h"
 
@@ -166,6 +167,34 @@ nb::object nearest_once(const AnyArray& x, const AnyArray& codes, const std::str
     });
 }
 
+// codes (K, D) float32, ids (B, H, W) int32/int64 C-contiguous -> (B, D, H, W) float32.
+nb::ndarray<nb::numpy, float, nb::ndim<4>> gather_nchw_py(const AnyArray& codes, const AnyArray& ids) {
+    const MatrixView cb = matrix_view(codes, "codebook", "(K, D)");
+    const auto t = ids.dtype();
+    const bool int32 = t == nb::dtype<int32_t>(), int64 = t == nb::dtype<int64_t>();
+    if (!int32 && !int64)
+        throw std::invalid_argument("ids must be int32 or int64, got " + dtype_name(t));
+    if (ids.ndim() != 3)
+        throw std::invalid_argument("ids must have shape (B, H, W), got " + std::to_string(ids.ndim()) +
+                                    "-D array of shape " + shape_of(ids));
+    if (on_cuda(ids) || on_cuda(codes))
+        throw std::invalid_argument("gather_nchw takes CPU arrays");
+    const int64_t b = ids.shape(0), h = ids.shape(1), w = ids.shape(2);
+    const bool contiguous = (w == 1 || ids.stride(2) == 1) && (h == 1 || ids.stride(1) == w) &&
+                            (b == 1 || ids.stride(0) == h * w);  // a size-1 axis may have any stride
+    if (!contiguous)
+        throw std::invalid_argument("ids must be C-contiguous (np.ascontiguousarray)");
+    float* data = new float[size_t(b * cb.cols * h * w)];
+    nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+    nb::ndarray<nb::numpy, float, nb::ndim<4>> out(data, {size_t(b), size_t(cb.cols), size_t(h), size_t(w)}, owner);
+    nb::gil_scoped_release unlocked;
+    if (int32)
+        gather_nchw(cb, static_cast<const int32_t*>(ids.data()), b, h, w, data);
+    else
+        gather_nchw(cb, static_cast<const int64_t*>(ids.data()), b, h, w, data);
+    return out;
+}
+
 }  // namespace
 }  // namespace fullvq
 
@@ -176,6 +205,8 @@ NB_MODULE(_core, m) {
     m.def("nearest", &nearest_once, "x"_a, "codebook"_a, "metric"_a = "l2", "return_distances"_a = false,
           "num_threads"_a = 0, "kernel"_a = "auto",
           "Index (M,) int32 of the nearest row of codebook (K, D) for each row of x (M, D), both float32.");
+    m.def("gather_nchw", &gather_nchw_py, "codebook"_a, "ids"_a,
+          "Code vectors (B, D, H, W) float32 of token ids (B, H, W) int32/int64 into codebook (K, D) float32.");
     m.def("cpu_kernels", &available_kernels, "CPU kernels this machine can run, best first.");
     m.def("cuda_available", [] { return cuda::device_count() > 0; },
           "Whether the CUDA kernels are built and a device is usable.");

@@ -1,0 +1,47 @@
+"""The command line shared by export/to_trt.py and export/to_onnx.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fullvq.export import ExportError, export, export_onnx_files
+
+
+def batch_range(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(":"))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected MIN:OPT:MAX such as 1:8:32, got {text!r}")
+    return values
+
+
+def main(onnx_only: bool, argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Export a fullvq checkpoint " + (
+        "to ONNX (encoder.onnx, decoder.onnx, codebook.npy)" if onnx_only else
+        "to an fvq.engine bundle (ONNX graphs, baked codebook, TensorRT plans where TensorRT and a GPU are present)"))
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("-o", "--out", default="onnx" if onnx_only else "fvq.engine",
+                   help="output folder" if onnx_only else "bundle file (default fvq.engine)")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="default: the training size")
+    if not onnx_only:
+        p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16", help="of the TensorRT plans")
+        p.add_argument("--batch", type=batch_range, default=(1, 8, 32), metavar="MIN:OPT:MAX",
+                       help="TensorRT optimisation profile (default 1:8:32)")
+        p.add_argument("--require-trt", action="store_true", help="fail when TensorRT plans cannot be built")
+    args = p.parse_args(argv)
+    size = tuple(args.image_size) if args.image_size else None
+    try:
+        if onnx_only:
+            done = export_onnx_files(args.checkpoint, args.out, size)
+        else:
+            done = export(args.checkpoint, args.out, args.precision, args.batch, size, args.require_trt)
+    except (ExportError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"export: {e}")
+    parity = ", ".join(f"{k} {v:.1e}" for k, v in done.parity.items())
+    print(f"wrote {args.out}: ONNX opset checked; ONNX Runtime vs PyTorch max relative difference: {parity}")
+    if not onnx_only:
+        plans = ", ".join(done.manifest["trt"]) or "none"
+        print(f"TensorRT plans: {plans}" + (f" (skipped: {done.trt_skipped})" if done.trt_skipped else ""))

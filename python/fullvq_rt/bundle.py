@@ -1,0 +1,271 @@
+"""The engine bundle `fvq.engine`: one self-describing zip archive (members stored, not compressed).
+
+    manifest.json                format, version, image size, token grid, codebook, metric, input
+                                 normalisation, sha256 and size of every member, what built it
+    codebook.npy                 (K, D) float32, baked
+    encoder.onnx, decoder.onnx   image (B, 3, H, W) in [-1, 1] -> latents (B, D, h, w); codes -> image
+    trt/sm_XY/encoder.plan ...   optional TensorRT plans for one GPU architecture (manifest "trt")
+
+`read_bundle` checks everything before anything is used: the archive, member names (nothing that
+could escape a folder, nothing unknown, nothing missing), sizes against the manifest and the file,
+every sha256, the manifest's fields and the codebook's shape. Any defect raises `EngineError`
+naming the file, the member and what to do. `write_bundle` is the one writer (used by export).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "fvq.engine"
+VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED_MEMBERS = ("codebook.npy", "encoder.onnx", "decoder.onnx")
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_MEMBER_BYTES = 16 << 30  # larger than any tokenizer network: a corrupt or hostile size field
+_TRT_PLAN = re.compile(r"trt/(sm_[0-9]{2,3})/(encoder|decoder)\.plan")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+METRICS = ("l2", "cosine")
+
+
+class EngineError(ValueError):
+    """An engine bundle that cannot be used; the message names the file, the member and the fix."""
+
+
+@dataclass(frozen=True)
+class TrtPlans:
+    """TensorRT plans for one GPU architecture, e.g. arch "sm_90"."""
+
+    arch: str
+    tensorrt: str           # the TensorRT version that built (and must run) them
+    precision: str
+    batch: tuple[int, int, int]  # optimisation profile min, opt, max
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle: its manifest fields, the codebook and the bytes of every member."""
+
+    path: Path
+    image_size: tuple[int, int]
+    downsample: int
+    grid: tuple[int, int]
+    metric: str
+    codebook: np.ndarray    # (K, D) float32, read-only
+    members: dict[str, bytes]
+    trt: dict[str, TrtPlans]
+    manifest: dict[str, Any]
+
+
+def write_bundle(path: str | os.PathLike, manifest: dict[str, Any], members: dict[str, bytes]) -> None:
+    """Writes `members` and `manifest` (plus format, version and every member's sha256 and size)
+    as a stored zip archive, atomically (temporary file + rename)."""
+    manifest = dict(manifest, format=FORMAT, version=VERSION,
+                    members={name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                             for name, data in sorted(members.items())})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
+            z.writestr(MANIFEST, json.dumps(manifest, indent=1))
+            for name, data in sorted(members.items()):
+                z.writestr(name, data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a bundle is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def codebook_bytes(codebook: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(codebook, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def read_bundle(path: str | os.PathLike) -> Bundle:
+    """The verified bundle at `path`, or EngineError."""
+    path = Path(path)
+    if not path.is_file():
+        raise EngineError(f"{path}: no such file; build one with `python export/to_trt.py ckpt.pt -o {path}`")
+    file_size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = _check_entries(path, archive.infolist(), file_size)
+            manifest = _read_manifest(path, archive, infos)
+            members = _read_members(path, archive, infos, manifest)
+    except zipfile.BadZipFile as e:
+        raise EngineError(f"{path}: not a readable fvq.engine archive ({e}); the file is truncated or corrupt: "
+                          f"copy it again or re-export it") from None
+    except (OSError, EOFError, RuntimeError, NotImplementedError) as e:  # zipfile's other ways to fail
+        raise EngineError(f"{path}: cannot read the archive ({e.__class__.__name__}: {e}); re-export it") from None
+    return _build(path, manifest, members)
+
+
+def _fail(path: Path, member: str, problem: str, fix: str = "re-export it with export/to_trt.py") -> EngineError:
+    return EngineError(f"{path}: member {member!r}: {problem}; {fix}")
+
+
+def _safe_name(name: str) -> bool:
+    parts = name.split("/")
+    return (bool(name) and not name.startswith("/") and "\\" not in name and ":" not in parts[0]
+            and all(p not in ("", ".", "..") for p in parts))
+
+
+def _check_entries(path: Path, infos: list[zipfile.ZipInfo], file_size: int) -> dict[str, zipfile.ZipInfo]:
+    entries: dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        name = info.filename
+        if not _safe_name(name):
+            raise _fail(path, name, "unsafe member name (absolute, '..' or empty parts)", "do not use this file")
+        if name in entries:
+            raise _fail(path, name, "appears twice in the archive")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise _fail(path, name, "is compressed; fvq.engine members are stored")
+        if info.file_size > min(MAX_MEMBER_BYTES, file_size):
+            raise _fail(path, name, f"declares {info.file_size} bytes, more than the {file_size}-byte file holds")
+        entries[name] = info
+    if MANIFEST not in entries:
+        raise _fail(path, MANIFEST, "is missing: this is not an fvq.engine bundle",
+                    "build one with export/to_trt.py")
+    return entries
+
+
+def _read_manifest(path: Path, archive: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo]) -> dict[str, Any]:
+    if infos[MANIFEST].file_size > MAX_MANIFEST_BYTES:
+        raise _fail(path, MANIFEST, f"is {infos[MANIFEST].file_size} bytes, over the {MAX_MANIFEST_BYTES} limit")
+    try:
+        manifest = json.loads(archive.read(MANIFEST).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(path, MANIFEST, f"is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise _fail(path, MANIFEST, f"does not name the format {FORMAT!r}", "build the file with export/to_trt.py")
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise _fail(path, MANIFEST, f"has no integer version (got {version!r})")
+    if version > VERSION:
+        raise _fail(path, MANIFEST, f"is format version {version}, this fullvq_rt reads version {VERSION}",
+                    "upgrade fullvq_rt")
+    if version < VERSION:
+        raise _fail(path, MANIFEST, f"is format version {version}, this fullvq_rt reads version {VERSION}",
+                    "re-export the checkpoint with this fullvq")
+    listed = manifest.get("members")
+    if not isinstance(listed, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("sha256"), str) and _SHA256.fullmatch(v["sha256"])
+            and _is_int(v.get("size"), 0) for v in listed.values()):
+        raise _fail(path, MANIFEST, "'members' must map each member to its sha256 (64 hex digits) and size")
+    for name in REQUIRED_MEMBERS:
+        if name not in listed:
+            raise _fail(path, name, "is not listed in the manifest")
+    for name in listed:
+        if name not in REQUIRED_MEMBERS and not _TRT_PLAN.fullmatch(name):
+            raise _fail(path, name, "is listed in the manifest but is not a known member")
+    for name in infos:
+        if name != MANIFEST and name not in listed:
+            raise _fail(path, name, "is in the archive but not in the manifest (added after export?)",
+                        "do not use this file; re-export it")
+    for name in listed:
+        if name not in infos:
+            raise _fail(path, name, "is listed in the manifest but missing from the archive")
+        if infos[name].file_size != listed[name]["size"]:
+            raise _fail(path, name, f"is {infos[name].file_size} bytes, the manifest says {listed[name]['size']}")
+    return manifest
+
+
+def _read_members(path: Path, archive: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo],
+                  manifest: dict[str, Any]) -> dict[str, bytes]:
+    members = {}
+    for name, expected in manifest["members"].items():
+        data = archive.read(infos[name])
+        if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise _fail(path, name, "sha256 does not match the manifest (corrupted or modified)",
+                        "copy the file again or re-export it")
+        members[name] = data
+    return members
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _pair(path: Path, manifest: dict, key: str) -> tuple[int, int]:
+    value = manifest.get(key)
+    if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v, 1) for v in value)):
+        raise _fail(path, MANIFEST, f"{key!r} must be two positive integers, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _build(path: Path, manifest: dict[str, Any], members: dict[str, bytes]) -> Bundle:
+    image_size, grid = _pair(path, manifest, "image_size"), _pair(path, manifest, "grid")
+    f = manifest.get("downsample")
+    if not _is_int(f, 1) or (grid[0] * f, grid[1] * f) != image_size:
+        raise _fail(path, MANIFEST, f"image_size {image_size}, grid {grid} and downsample {f!r} disagree")
+    k, d = manifest.get("codebook_size"), manifest.get("codebook_dim")
+    if not (_is_int(k, 1) and _is_int(d, 1)):
+        raise _fail(path, MANIFEST, f"codebook_size and codebook_dim must be positive integers, got {k!r}, {d!r}")
+    metric = manifest.get("metric")
+    if metric not in METRICS:
+        raise _fail(path, MANIFEST, f"metric must be one of {METRICS}, got {metric!r}")
+    codebook = _load_codebook(path, members["codebook.npy"], (k, d))
+    return Bundle(path, image_size, f, grid, metric, codebook, members, _trt_plans(path, manifest, members),
+                  manifest)
+
+
+def _load_codebook(path: Path, data: bytes, shape: tuple[int, int]) -> np.ndarray:
+    try:
+        codebook = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise _fail(path, "codebook.npy", f"is not a readable .npy array ({e})") from None
+    if codebook.dtype != np.float32 or codebook.shape != shape:
+        raise _fail(path, "codebook.npy", f"is {codebook.dtype} {codebook.shape}, the manifest says float32 {shape}")
+    if not np.isfinite(codebook).all():
+        raise _fail(path, "codebook.npy", "holds NaN or Inf")
+    codebook.flags.writeable = False
+    return codebook
+
+
+def _trt_plans(path: Path, manifest: dict[str, Any], members: dict[str, bytes]) -> dict[str, TrtPlans]:
+    section = manifest.get("trt", {})
+    if not isinstance(section, dict):
+        raise _fail(path, MANIFEST, "'trt' must be an object")
+    plans = {}
+    for arch, entry in section.items():
+        ok = (isinstance(entry, dict) and isinstance(entry.get("tensorrt"), str)
+              and entry.get("precision") in ("fp32", "fp16", "bf16")
+              and isinstance(entry.get("batch"), list) and len(entry["batch"]) == 3
+              and all(_is_int(b, 1) for b in entry["batch"]) and sorted(entry["batch"]) == entry["batch"])
+        if not ok:
+            raise _fail(path, MANIFEST, f"trt entry {arch!r} needs tensorrt (version), precision and batch "
+                                        f"[min, opt, max], got {entry!r}")
+        for net in ("encoder", "decoder"):
+            if f"trt/{arch}/{net}.plan" not in members:
+                raise _fail(path, f"trt/{arch}/{net}.plan", "is missing for the manifest's trt entry")
+        plans[arch] = TrtPlans(arch, entry["tensorrt"], entry["precision"], tuple(entry["batch"]))
+    for name in members:
+        match = _TRT_PLAN.fullmatch(name)
+        if match and match.group(1) not in plans:
+            raise _fail(path, name, "has no trt entry in the manifest")
+    return plans
+
+
+def describe(bundle: Bundle) -> str:
+    """One line: image size, grid, codebook and plans."""
+    k, d = bundle.codebook.shape
+    plans = ", ".join(f"{p.arch} TensorRT {p.tensorrt} {p.precision}" for p in bundle.trt.values()) or "none"
+    return (f"{bundle.path.name}: {bundle.image_size[0]}x{bundle.image_size[1]} images -> "
+            f"{bundle.grid[0]}x{bundle.grid[1]} tokens of {k} codes (dim {d}, {bundle.metric}, "
+            f"{math.log2(k):.1f} bits); TensorRT plans: {plans}")
