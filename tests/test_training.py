@@ -150,6 +150,15 @@ def test_checkpoint_rebuilds_the_model_alone(tmp_path, photo_dir):
     assert recon.shape == x.shape and q.indices.shape == (2, 4, 4)
 
 
+def test_usage_train_is_reported_at_two_densities(tmp_path, photo_dir):
+    cfg = small_config(tmp_path, photo_dir, eval_crops=0, eval_tokens_per_code=50)
+    metrics = train(cfg)
+    curve = metrics["usage_train_by_density"]
+    assert [c["tokens_per_code"] for c in curve] == [10, 50] and [c["num_tokens"] for c in curve] == [2560, 12800]
+    assert curve[0]["usage"] <= curve[1]["usage"] == metrics["usage_train"]  # more tokens never lose a code
+    assert metrics["num_tokens_train"] == 12800
+
+
 def test_checkpoint_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match="cannot read checkpoint"):

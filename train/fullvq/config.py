@@ -81,7 +81,8 @@ class Config:
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 1000
-    eval_crops: int = 0              # fresh training crops for usage_train; 0 = 10 tokens per code
+    eval_tokens_per_code: int = 50   # usage_train over fresh training crops with this many tokens per code
+    eval_crops: int = 0              # or exactly this many crops (tests)
     bf16: bool = True                # autocast on GPU (distances stay fp32)
 
     @staticmethod
@@ -94,7 +95,7 @@ def _tiny() -> Config:
     return Config(
         preset="tiny",
         model=ModelConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, norm_groups=8),
-        quantizer=QuantizerConfig(bridge="XS/4"),
+        quantizer=QuantizerConfig(bridge="XS/8"),
     )
 
 

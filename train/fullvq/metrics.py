@@ -21,6 +21,13 @@ class CodeCounter:
             dist.all_reduce(self.counts)
         return self
 
+    def usage_across_ranks(self) -> float:
+        """Usage of the histogram summed over ranks, leaving this rank's counts as they are."""
+        counts = self.counts.clone()
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        return float((counts > 0).float().mean())
+
     @property
     def num_tokens(self) -> int:
         return int(self.counts.sum())

@@ -23,7 +23,7 @@ from .metrics import CodeCounter, psnr
 from .models import build_model
 from .schedule import lr_factor
 
-EVAL_TOKENS_PER_CODE = 10
+MIN_TOKENS_PER_CODE = 10  # usage_train is also reported at this density
 
 
 def train(cfg: Config, resume: bool = False, stop_at: int | None = None) -> dict | None:
@@ -134,6 +134,25 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
     return _final_evaluation(cfg, model if ema is None else ema.module, sources, d, step_times)
 
 
+def _usage_on_fresh_crops(cfg: Config, model, fresh: TrainCrops, d: distributed.Dist) -> list[tuple]:
+    """[(crops, tokens, usage)] over the first N fresh training crops, for N at 10 tokens per code and
+    at cfg.eval_tokens_per_code (or N = cfg.eval_crops), counted across ranks (crop i on rank i % world)."""
+    k = cfg.quantizer.codebook_size
+    per_crop = (cfg.image_size // 2 ** (len(cfg.model.ch_mult) - 1)) ** 2
+    marks = ([cfg.eval_crops] if cfg.eval_crops else
+             sorted({math.ceil(t * k / per_crop) for t in (MIN_TOKENS_PER_CODE, cfg.eval_tokens_per_code)}))
+    counter, done, curve = CodeCounter(k, d.device), 0, []
+    with torch.no_grad():
+        for mark in marks:
+            mine = range(done + (d.rank - done) % d.world, mark, d.world)
+            for start in range(0, len(mine), cfg.batch_size):
+                x = torch.stack([fresh[i] for i in mine[start:start + cfg.batch_size]]).to(d.device)
+                counter.add(model.encode(x).indices)
+            done = mark
+            curve.append((mark, mark * per_crop, counter.usage_across_ranks()))
+    return curve
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Keeps the log lines up to `step` (all of a resumed run's checkpointed past, none of a new run)."""
     if path.is_file():
@@ -159,17 +178,15 @@ def _final_evaluation(cfg: Config, model, sources, d: distributed.Dist, step_tim
     heldout = heldout_tiles(sources, cfg.image_size)
     cheap = {"lpips_net": "", "fid": False}  # LPIPS and rFID: train/evaluate.py
     metrics = evaluate_images(model, heldout[d.rank::d.world], cfg.batch_size, d.device, **cheap).result()
-    tokens_per_crop = (cfg.image_size // 2 ** (len(cfg.model.ch_mult) - 1)) ** 2
-    n_crops = cfg.eval_crops or math.ceil(EVAL_TOKENS_PER_CODE * cfg.quantizer.codebook_size / tokens_per_crop)
-    fresh = TrainCrops(sources, cfg.image_size, cfg.seed + 1)
-    crops = torch.stack([fresh[i] for i in range(d.rank, n_crops, d.world)])
-    on_train = evaluate_images(model, crops, cfg.batch_size, d.device, **cheap).result()
+    usage_train = _usage_on_fresh_crops(cfg, model, TrainCrops(sources, cfg.image_size, cfg.seed + 1), d)
     if not d.main:
         return None
     skip = min(len(step_times) - 1, max(1, len(step_times) // 10))  # leave out start-up steps
     metrics.update(
         quantizer=cfg.quantizer.name, codebook_size=cfg.quantizer.codebook_size, steps=cfg.steps,
-        usage_train=on_train["usage"], num_tokens_train=on_train["num_tokens"],
+        usage_train=usage_train[-1][2], num_tokens_train=usage_train[-1][1],
+        usage_train_by_density=[{"tokens_per_code": t / cfg.quantizer.codebook_size, "num_tokens": t, "usage": u}
+                                for _, t, u in usage_train],
         step_time_s=sum(step_times[skip:]) / max(1, len(step_times) - skip),
     )
     out = Path(cfg.out)
