@@ -116,6 +116,13 @@ def test_switched_off_metrics_are_none_with_a_reason():
     assert result["usage"] == 0.5 and result["num_images"] == 2 and "psnr_y" in result["protocol"]
 
 
+def test_lpips_on_images_too_small_for_alexnet_is_unavailable():
+    ev = Evaluator(4, lpips_net="alex", fid=False)
+    ev.add(torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 16, 16), torch.tensor([1, 2]))
+    result = ev.result()
+    assert result["lpips"] is None and "smaller than LPIPS-alex's minimum of 32" in result["unavailable"]["lpips"]
+
+
 def test_missing_inception_is_reported_with_what_was_tried(monkeypatch, tmp_path):
     import fullvq.fid as fid
 

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         options = {"lpips_net": "" if args.lpips_net == "none" else args.lpips_net, "fid": not args.no_fid}
         if files is None:
             tiles = heldout_tiles(load_sources(cfg.data), cfg.image_size)
-            evaluator = evaluate_images(model, tiles[d.rank::d.world], args.batch_size, d.device, **options)
+            evaluator = evaluate_images(model, tiles[d.rank::d.world], args.batch_size, d.device,
+                                        progress=d.main, **options)
             skipped, crop = Skipped(), f"held-out split of the training data, {cfg.image_size} px tiles"
         else:
             evaluator, skipped = evaluate_files(model, files[d.rank::d.world], cfg.image_size, args.crop,

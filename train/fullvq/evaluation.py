@@ -39,6 +39,9 @@ PROTOCOL = {
 }
 
 
+LPIPS_MIN_SIZE = {"alex": 32, "vgg": 16}  # smaller inputs pool down to nothing inside the backbone
+
+
 class Evaluator:
     """Accumulates metrics over batches of (original, reconstruction, code indices)."""
 
@@ -50,6 +53,7 @@ class Evaluator:
         self.count = torch.zeros((), dtype=torch.float64, device=self.device)
         self.unavailable: dict[str, str] = {}
         self.lpips = self.inception = None
+        self.lpips_net = lpips_net
         if lpips_net:
             from .losses.lpips import LPIPS, LPIPSUnavailable
 
@@ -81,6 +85,10 @@ class Evaluator:
     def add(self, x: torch.Tensor, recon: torch.Tensor, indices: torch.Tensor) -> None:
         """x, recon (B, 3, S, S) in [-1, 1]; indices (B, ...) code ids."""
         real, fake = to_unit(x), to_unit(recon)
+        if self.lpips is not None and min(x.shape[-2:]) < LPIPS_MIN_SIZE[self.lpips_net]:
+            self.lpips = None
+            self.unavailable["lpips"] = (f"images of {x.shape[-2]}x{x.shape[-1]} are smaller than LPIPS-{self.lpips_net}'s "
+                                         f"minimum of {LPIPS_MIN_SIZE[self.lpips_net]} pixels")
         self.codes.add(indices)
         per_image = [psnr01(real, fake), psnr_y(real, fake), ssim(real, fake)]
         per_image.append(self.lpips(real * 2 - 1, fake * 2 - 1) if self.lpips is not None else torch.zeros(len(x)))
@@ -112,10 +120,12 @@ class Evaluator:
         return self.codes.counts
 
 
-def evaluate_images(model, images: torch.Tensor, batch_size: int, device, **options) -> Evaluator:
+def evaluate_images(model, images: torch.Tensor, batch_size: int, device, progress: bool = False,
+                    **options) -> Evaluator:
     """Runs this rank's images (N, 3, S, S) in [-1, 1] through the model; `options` go to Evaluator."""
     evaluator = Evaluator(model.quantize.codebook_size, device, **options)
-    for start in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, dynamic_ncols=True, mininterval=1.0):
         evaluator.add_model_batch(model, images[start:start + batch_size])
     return evaluator
 
