@@ -43,9 +43,13 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
 def load_model(path: str | Path, map_location: str | torch.device = "cpu", ema: bool = True):
     """(model, config) rebuilt from the checkpoint alone, in eval mode: the EMA of the weights when
     the run kept one (and `ema`), else the trained weights."""
+    return model_from_state(load(path, map_location), ema)
+
+
+def model_from_state(state: dict, ema: bool = True):
+    """(model, config) from a loaded checkpoint dict (see load_model)."""
     from .models import build_model
 
-    state = load(path, map_location)
     cfg = Config.from_dict(state["config"])
     model = build_model(cfg, from_checkpoint=True)
     if ema and "ema" in state:

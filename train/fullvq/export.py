@@ -62,12 +62,14 @@ def downsample_factor(cfg: Config) -> int:
     return 2 ** (len(cfg.model.ch_mult) - 1)
 
 
-def load_for_export(ckpt: str | Path) -> tuple[nn.Module, Config]:
-    model, cfg = checkpoint.load_model(ckpt)
+def load_for_export(ckpt: str | Path) -> tuple[nn.Module, Config, int]:
+    """(model in float32 eval mode, config, training step) of a checkpoint."""
+    state = checkpoint.load(ckpt)
+    model, cfg = checkpoint.model_from_state(state)
     if cfg.quantizer.residual_depth > 1:
         raise ExportError(f"{ckpt}: residual quantizers (residual_depth={cfg.quantizer.residual_depth}) cannot be "
                           f"exported yet: the bundle holds one codebook")
-    return model.float().eval(), cfg
+    return model.float().eval(), cfg, int(state["step"])
 
 
 def to_onnx(module: nn.Module, example: torch.Tensor, input_name: str, output_name: str) -> bytes:
@@ -100,7 +102,7 @@ def export_graphs(ckpt: str | Path, image_size: tuple[int, int] | None = None) -
     """The two checked ONNX graphs, the codebook and the manifest fields of a checkpoint."""
     from fullvq_rt.bundle import codebook_bytes
 
-    model, cfg = load_for_export(ckpt)
+    model, cfg, step = load_for_export(ckpt)
     f = downsample_factor(cfg)
     h, w = image_size or (cfg.image_size, cfg.image_size)
     if h % f or w % f:
@@ -125,7 +127,7 @@ def export_graphs(ckpt: str | Path, image_size: tuple[int, int] | None = None) -
         "input": {"layout": "NCHW", "dtype": "float32", "range": [-1.0, 1.0], "from_uint8": "x / 127.5 - 1"},
         "built_by": {"fullvq": _version(), "torch": torch.__version__, "opset": OPSET, "host": platform.node(),
                      "checkpoint": str(ckpt), "quantizer": cfg.quantizer.name, "preset": cfg.preset,
-                     "step": int(checkpoint.load(ckpt)["step"])},
+                     "step": step},
         "trt": {},
     }
     return out
