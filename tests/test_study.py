@@ -1,0 +1,37 @@
+"""train/study.py, smoke-tested at toy size: every run trained, evaluated, tabled and plotted, and
+a second call reuses the finished runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+STUDY = str(Path(__file__).resolve().parents[1] / "train" / "study.py")
+
+
+def test_quick_study_runs_and_resumes(tmp_path):
+    out = tmp_path / "study"
+    def args(steps=2):
+        return [sys.executable, STUDY, "--quick", "--out", str(out), "--sizes", "64,96", "--quantizers", "vq,bridge",
+                "--steps", str(steps), "--metric-images", "8", "image_size=16", "batch_size=4", "eval_crops=4"]
+
+    first = subprocess.run(args(), capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["quantizer"], r["codebook_size"]) for r in results] == [("vq", 64), ("bridge", 64), ("vq", 96),
+                                                                       ("bridge", 96)]
+    for r in results[:3]:
+        assert {"usage", "usage_train", "num_tokens", "psnr", "ssim", "lpips", "rfid", "step_time_s", "steps"} <= set(r)
+        assert 0 < r["usage"] <= 1 and r["steps"] == 2 and r["rfid"] >= 0
+        assert r["lpips"] is None and "smaller than LPIPS-alex" in r["unavailable"]["lpips"]  # 16 px tiles
+    assert "not a perfect square" in results[3]["skipped"]  # K = 96 cannot be a bridge grid: recorded, not fatal
+    table = (out / "results.md").read_text()
+    assert "| bridge | 64 |" in table and "python train/study.py --quick" in table
+    assert (out / "usage_vs_k.png").is_file() and (out / "psnr_vs_k.png").is_file()
+
+    ckpt = out / "runs" / "vq-64" / "ckpt.pt"
+    stamp = ckpt.stat().st_mtime_ns
+    again = subprocess.run(args(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and ckpt.stat().st_mtime_ns == stamp  # finished runs are not redone
+    other = subprocess.run(args(steps=3), capture_output=True, text=True, timeout=900)
+    assert other.returncode != 0 and "use another --out" in other.stderr

@@ -1,0 +1,158 @@
+"""The usage-vs-codebook-size study behind train/study.py: one run per (quantizer, K), same budget
+and seed, each trained by the trainer and evaluated by the evaluator on the held-out split.
+
+Runs live in OUT/runs/<quantizer>-<K>/ (ckpt.pt, metrics.json, result.json); a run with a
+result.json is never redone, and an interrupted one resumes from its checkpoint. VQGAN-LC's
+feature codebooks are built once per K into OUT/lc/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import Config, apply_override, preset
+from .data import heldout_tiles, load_sources
+from .evaluation import evaluate_images
+from .trainer import train
+
+RESULT_KEYS = ("quantizer", "codebook_size", "usage", "usage_train", "num_tokens", "num_tokens_train", "psnr",
+               "psnr_y", "ssim", "lpips", "rfid", "step_time_s", "steps")
+LC_MAX_KMEANS_FLOP = 5e13  # k-means beyond this is left to a GPU (about 10 minutes on 2 CPU cores)
+
+
+class StudyError(RuntimeError):
+    """The study cannot go on as asked (the message says why and what to do)."""
+
+
+@dataclass
+class Plan:
+    out: Path
+    sizes: list[int]
+    quantizers: list[str]
+    steps: int
+    data: str = ""
+    overrides: list[str] = field(default_factory=list)
+    metric_images: int = 512        # held-out tiles that LPIPS and rFID see (usage and PSNR see all)
+    eval_tokens_per_code: int = 10
+
+    def run_dir(self, quantizer: str, k: int) -> Path:
+        return self.out / "runs" / f"{quantizer}-{k}"
+
+
+def run_config(plan: Plan, quantizer: str, k: int) -> Config:
+    cfg = preset("tiny")
+    cfg.quantizer.name, cfg.quantizer.codebook_size, cfg.steps = quantizer, k, plan.steps
+    cfg.data, cfg.out, cfg.eval_tokens_per_code = plan.data, str(plan.run_dir(quantizer, k)), plan.eval_tokens_per_code
+    if quantizer == "bridge":
+        cfg.quantizer.bridge = bridge_for(k)
+    for assignment in plan.overrides:
+        apply_override(cfg, assignment)
+    if quantizer == "lc":
+        cfg.quantizer.lc_codebook = str(lc_codebook(plan, k, cfg.data))
+    return cfg
+
+
+def bridge_for(k: int) -> str:
+    """XS with patch 8, or the largest patch that divides the grid's side (16 from 1024^2 codes);
+    a K the bridge cannot lay out gets XS/8, whose check then explains why."""
+    side = math.isqrt(k)
+    patch = 16 if side >= 1024 else next((p for p in (8, 4, 2) if side * side == k and side % p == 0), 8)
+    return f"XS/{patch}"
+
+
+def lc_codebook(plan: Plan, k: int, data: str) -> Path:
+    """OUT/lc/codebook-K.pt, built on first use from enough patch features (4 per code)."""
+    from .lc_codebook import build_lc_codebook
+
+    path = plan.out / "lc" / f"codebook-{k}.pt"
+    if not path.is_file():
+        images = len(load_sources(data))
+        crops = max(32, math.ceil(4 * k / (images * 196)))  # 196 = 14 x 14 features per 224 px crop
+        build_lc_codebook(data or None, k, path, crops_per_image=crops, iters=10, progress=True)
+    return path
+
+
+def lc_unsupported(plan: Plan, k: int) -> str:
+    """Why lc is skipped at this K on this machine ("" when it runs)."""
+    flop = 2 * (4 * k) * k * 112 * 10
+    if torch.cuda.is_available() or flop <= LC_MAX_KMEANS_FLOP:
+        return ""
+    return f"k-means of {k} centres over {4 * k} features ({flop:.0e} FLOP) needs a GPU"
+
+
+def run_one(plan: Plan, quantizer: str, k: int) -> dict:
+    """The run's result (trained and evaluated now, or read back)."""
+    folder = plan.run_dir(quantizer, k)
+    result_file = folder / "result.json"
+    if result_file.is_file():
+        result = json.loads(result_file.read_text())
+        if result["steps"] != plan.steps:
+            raise StudyError(f"{folder} holds a finished {result['steps']}-step run, this study asks for {plan.steps} "
+                             f"steps: use another --out (runs of different budgets are not comparable)")
+        return result
+    if quantizer == "lc" and (reason := lc_unsupported(plan, k)):
+        return {"quantizer": quantizer, "codebook_size": k, "skipped": reason}
+    cfg = run_config(plan, quantizer, k)
+    ckpt = folder / "ckpt.pt"
+    metrics = train(cfg, resume=ckpt.is_file() and checkpoint.load(ckpt)["step"] < cfg.steps)
+    if metrics is None:  # finished earlier, but evaluation was interrupted
+        metrics = json.loads((folder / "metrics.json").read_text())
+    model, _ = checkpoint.load_model(ckpt)
+    tiles = heldout_tiles(load_sources(cfg.data), cfg.image_size)
+    subset = tiles[torch.randperm(len(tiles), generator=torch.Generator().manual_seed(0))[:plan.metric_images]]
+    perceptual = evaluate_images(model, subset, cfg.batch_size, "cpu").result()
+    result = {**{key: metrics.get(key) for key in RESULT_KEYS}, "lpips": perceptual["lpips"],
+              "rfid": perceptual["rfid"], "metric_images": len(subset), "bridge": cfg.quantizer.bridge
+              if quantizer == "bridge" else None, "unavailable": perceptual["unavailable"]}
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def write_report(plan: Plan, results: list[dict], command: str, machine: str) -> None:
+    """results.json, results.md (a table) and the two plots."""
+    plan.out.mkdir(parents=True, exist_ok=True)
+    (plan.out / "results.json").write_text(json.dumps(results, indent=1))
+    lines = [f"Command: `{command}`  ", f"Machine: {machine}", "",
+             "| quantizer | K | usage_train | held-out usage | tokens (held-out) | PSNR | SSIM | LPIPS | rFID | step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "skipped" in r:
+            lines.append(f"| {r['quantizer']} | {r['codebook_size']} | skipped: {r['skipped']} ||||||||")
+            continue
+        lines.append(f"| {r['quantizer']} | {r['codebook_size']} | {r['usage_train']:.1%} | {r['usage']:.1%} | "
+                     f"{r['num_tokens']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {_fmt(r['lpips'], '.3f')} | "
+                     f"{_fmt(r['rfid'], '.1f')} | {r['step_time_s']:.3f} s |")
+    (plan.out / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(plan.out / "usage_vs_k.png", results, "usage_train", "codebook usage (fresh training crops)", percent=True)
+    _plot(plan.out / "psnr_vs_k.png", results, "psnr", "held-out PSNR (dB)")
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _plot(path: Path, results: list[dict], key: str, label: str, percent: bool = False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for quantizer in dict.fromkeys(r["quantizer"] for r in results):
+        points = sorted((r["codebook_size"], r[key]) for r in results
+                        if r["quantizer"] == quantizer and r.get(key) is not None)
+        if points:
+            ks, values = zip(*points)
+            ax.plot(ks, [v * 100 for v in values] if percent else values, marker="o", label=quantizer)
+    ax.set(xscale="log", xlabel="codebook size K", ylabel=label + (" %" if percent else ""))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

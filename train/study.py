@@ -1,0 +1,81 @@
+"""The study: codebook usage and quality against codebook size, for every quantizer, one command.
+
+    python train/study.py [--out docs/study] [--sizes 1024,16384,65536,262144]
+        [--quantizers vq,ema,fc,lc,simvq,bridge] [--steps N] [--data DIR] [--quick] [key=value ...]
+
+Trains every (quantizer, K) on the tiny preset with the same steps and seed (bridge: VQBridge XS
+with the largest patch of 8, 4, 2 that divides sqrt(K); 16 from 1024^2 codes on), evaluates each
+on the held-out split (usage and PSNR on every tile, LPIPS and rFID on 512 of them) and over fresh
+training crops (usage_train), and writes OUT/results.json, OUT/results.md and the plots
+OUT/usage_vs_k.png and OUT/psnr_vs_k.png. Finished runs are kept and not redone; an interrupted
+run resumes. --quick: K = 1024 and 4096, vq and bridge, 300 steps (minutes). key=value overrides
+apply to every run (e.g. batch_size=16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+from fullvq.config import QUANTIZERS
+from fullvq.study import Plan, StudyError, run_one, write_report
+
+QUICK = {"sizes": "1024,4096", "quantizers": "vq,bridge", "steps": 300, "metric_images": 64}
+
+
+def csv(kind):
+    return lambda text: [kind(v) for v in text.split(",") if v]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", type=Path, default=Path("docs/study"))
+    p.add_argument("--sizes", type=csv(int))
+    p.add_argument("--quantizers", type=csv(str))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--data", default="")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--metric-images", type=int, help="held-out tiles for LPIPS and rFID (default 512, quick 64)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    defaults = QUICK if args.quick else {"sizes": "1024,16384,65536,262144", "quantizers": ",".join(QUANTIZERS),
+                                         "steps": 3000, "metric_images": 512}
+    quantizers = args.quantizers or csv(str)(defaults["quantizers"])
+    unknown = set(quantizers) - set(QUANTIZERS)
+    if unknown:
+        sys.exit(f"study.py: unknown quantizers {sorted(unknown)}: expected some of {list(QUANTIZERS)}")
+    plan = Plan(out=args.out, sizes=args.sizes or csv(int)(defaults["sizes"]), quantizers=quantizers,
+                steps=args.steps or defaults["steps"], data=args.data, overrides=args.overrides,
+                metric_images=args.metric_images or defaults["metric_images"])
+    results = []
+    for k in plan.sizes:
+        for quantizer in plan.quantizers:
+            print(f"== {quantizer} K={k}", flush=True)
+            try:
+                results.append(run_one(plan, quantizer, k))
+            except ValueError as e:  # e.g. a K the bridge cannot lay out: recorded, the study goes on
+                results.append({"quantizer": quantizer, "codebook_size": k, "skipped": str(e)})
+            except StudyError as e:
+                sys.exit(f"study.py: {e}")
+            write_report(plan, results, "python train/study.py " + shlex.join(argv), _machine())
+    print((plan.out / "results.md").read_text())
+
+
+def _machine() -> str:
+    import os
+
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return f"{os.cpu_count()} CPU cores ({model}), {gpu}, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    main()
