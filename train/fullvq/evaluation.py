@@ -99,7 +99,7 @@ class Evaluator:
             self.fake.add(self.inception(fake))
 
     def result(self) -> dict:
-        """The metrics over every rank's batches (a collective call under torchrun)."""
+        """The metrics over every rank's batches: a collective call under torchrun, made once at the end."""
         self.codes.reduce()
         count = float(sum_across(self.count))
         means = (sum_across(self.sums) / max(count, 1)).tolist()

@@ -119,7 +119,9 @@ def write_report(plan: Plan, results: list[dict], command: str, machine: str) ->
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "results.json").write_text(json.dumps(results, indent=1))
     lines = [f"Command: `{command}`  ", f"Machine: {machine}", "",
-             "| quantizer | K | usage_train | held-out usage | tokens (held-out) | PSNR | SSIM | LPIPS | rFID | step |",
+             f"| quantizer | K | usage_train ({plan.eval_tokens_per_code} tokens/code) | held-out usage | "
+             f"tokens (held-out) | PSNR | SSIM | LPIPS ({plan.metric_images} tiles) | rFID ({plan.metric_images} tiles) "
+             f"| step |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "skipped" in r:
