@@ -33,5 +33,9 @@ def test_quick_study_runs_and_resumes(tmp_path):
     stamp = ckpt.stat().st_mtime_ns
     again = subprocess.run(args(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and ckpt.stat().st_mtime_ns == stamp  # finished runs are not redone
+    (out / "runs" / "vq-64" / "result.json").unlink()  # as if the evaluation had been interrupted
+    again = subprocess.run(args(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and ckpt.stat().st_mtime_ns == stamp  # evaluated again, not retrained
+    assert (out / "runs" / "vq-64" / "result.json").is_file()
     other = subprocess.run(args(steps=3), capture_output=True, text=True, timeout=900)
     assert other.returncode != 0 and "use another --out" in other.stderr

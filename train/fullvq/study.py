@@ -100,16 +100,19 @@ def run_one(plan: Plan, quantizer: str, k: int) -> dict:
         return {"quantizer": quantizer, "codebook_size": k, "skipped": reason}
     cfg = run_config(plan, quantizer, k)
     ckpt = folder / "ckpt.pt"
-    metrics = train(cfg, resume=ckpt.is_file() and checkpoint.load(ckpt)["step"] < cfg.steps)
-    if metrics is None:  # finished earlier, but evaluation was interrupted
+    step = checkpoint.load(ckpt)["step"] if ckpt.is_file() else 0
+    if step >= cfg.steps and (folder / "metrics.json").is_file():  # trained; the evaluation below was interrupted
         metrics = json.loads((folder / "metrics.json").read_text())
-    model, _ = checkpoint.load_model(ckpt)
+    else:  # a new run, or the rest of an interrupted one (its final evaluation included)
+        metrics = train(cfg, resume=step > 0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = checkpoint.load_model(ckpt)[0].to(device)
     tiles = heldout_tiles(load_sources(cfg.data), cfg.image_size)
     subset = tiles[torch.randperm(len(tiles), generator=torch.Generator().manual_seed(0))[:plan.metric_images]]
-    perceptual = evaluate_images(model, subset, cfg.batch_size, "cpu").result()
-    result = {**{key: metrics.get(key) for key in RESULT_KEYS}, "lpips": perceptual["lpips"],
-              "rfid": perceptual["rfid"], "metric_images": len(subset), "bridge": cfg.quantizer.bridge
-              if quantizer == "bridge" else None, "unavailable": perceptual["unavailable"]}
+    perceptual = evaluate_images(model, subset, cfg.batch_size, device).result()
+    result = {key: metrics.get(key) for key in RESULT_KEYS}
+    result.update(lpips=perceptual["lpips"], rfid=perceptual["rfid"], metric_images=len(subset),
+                  bridge=cfg.quantizer.bridge if quantizer == "bridge" else None, unavailable=perceptual["unavailable"])
     result_file.write_text(json.dumps(result, indent=1))
     return result
 
