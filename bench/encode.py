@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from fullvq.export import export
 from fullvq.models import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lookup import cpu_model  # noqa: E402
+from lookup import cpu_model, measure  # noqa: E402
 
 
 def random_checkpoint(path: Path) -> Path:
@@ -59,13 +58,8 @@ def torch_encode(model, codebook: torch.Tensor, x: torch.Tensor) -> torch.Tensor
 
 
 def seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall time of fn() after a warm-up (bench/lookup.py's measure, without its memory figure)."""
+    return measure(fn, repeats)[0]
 
 
 def main() -> None:

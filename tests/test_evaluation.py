@@ -114,6 +114,7 @@ def test_switched_off_metrics_are_none_with_a_reason():
     assert result["lpips"] is None and result["rfid"] is None
     assert result["unavailable"] == {"lpips": "switched off", "rfid": "switched off"}
     assert result["usage"] == 0.5 and result["num_images"] == 2 and "psnr_y" in result["protocol"]
+    assert ev.result()["num_tokens"] == result["num_tokens"] == 2  # result() leaves the counts as they are
 
 
 def test_lpips_on_images_too_small_for_alexnet_is_unavailable():

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             crop = (f"non-overlapping {cfg.image_size} px tiles" if args.crop == "tiles"
                     else f"center {cfg.image_size} px crop") + ", no resizing"
         metrics = evaluator.result()
+        counts = evaluator.codes.across_ranks().counts
         skipped = _gather(skipped)
         if not d.main:
             return None
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         out = Path(args.json) if args.json else Path(args.checkpoint).with_name("eval.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, indent=1))
-        save_code_histogram(out.with_suffix(".codes.png"), evaluator.code_counts)
+        save_code_histogram(out.with_suffix(".codes.png"), counts)
         _report(metrics, skipped, out)
         return metrics
     finally:

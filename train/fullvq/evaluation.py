@@ -100,11 +100,11 @@ class Evaluator:
 
     def result(self) -> dict:
         """The metrics over every rank's batches: a collective call under torchrun, made once at the end."""
-        self.codes.reduce()
+        codes = self.codes.across_ranks()
         count = float(sum_across(self.count))
         means = (sum_across(self.sums) / max(count, 1)).tolist()
-        result = {"usage": self.codes.usage, "num_tokens": self.codes.num_tokens,
-                  "perplexity": self.codes.perplexity, "dead_codes": self.codes.dead_codes,
+        result = {"usage": codes.usage, "num_tokens": codes.num_tokens,
+                  "perplexity": codes.perplexity, "dead_codes": codes.dead_codes,
                   "psnr": means[0], "psnr_y": means[1], "ssim": means[2],
                   "lpips": means[3] if self.lpips is not None else None, "rfid": None,
                   "num_images": int(count)}
@@ -114,10 +114,6 @@ class Evaluator:
             except ValueError as e:
                 self.unavailable["rfid"] = str(e)
         return dict(result, protocol=self.protocol, unavailable=dict(self.unavailable))
-
-    @property
-    def code_counts(self) -> torch.Tensor:
-        return self.codes.counts
 
 
 def evaluate_images(model, images: torch.Tensor, batch_size: int, device, progress: bool = False,

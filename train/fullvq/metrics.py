@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 
 class CodeCounter:
-    """Exact code histogram (K,), summed across ranks on `reduce()`."""
+    """Exact code histogram (K,) of this rank; `across_ranks()` sums it over ranks."""
 
     def __init__(self, codebook_size: int, device: torch.device | str = "cpu"):
         self.counts = torch.zeros(codebook_size, dtype=torch.long, device=device)
@@ -16,17 +16,13 @@ class CodeCounter:
     def add(self, indices: torch.Tensor) -> None:
         self.counts += torch.bincount(indices.reshape(-1).to(self.counts.device), minlength=len(self.counts))
 
-    def reduce(self) -> CodeCounter:
+    def across_ranks(self) -> CodeCounter:
+        """A new counter holding the histogram summed over ranks (this one is left as it is)."""
+        total = CodeCounter(len(self.counts), self.counts.device)
+        total.counts += self.counts
         if dist.is_initialized():
-            dist.all_reduce(self.counts)
-        return self
-
-    def usage_across_ranks(self) -> float:
-        """Usage of the histogram summed over ranks, leaving this rank's counts as they are."""
-        counts = self.counts.clone()
-        if dist.is_initialized():
-            dist.all_reduce(counts)
-        return float((counts > 0).float().mean())
+            dist.all_reduce(total.counts)
+        return total
 
     @property
     def num_tokens(self) -> int:

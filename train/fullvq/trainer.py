@@ -115,7 +115,7 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
         step += 1
         step_times.append(time.perf_counter() - started)
         if step % cfg.log_every == 0 or step == last:
-            usage = window.reduce().usage
+            usage = window.across_ranks().usage
             log = {"step": step, "lr": lr, "loss": float(loss.detach()), "usage": usage,
                    "psnr": float(distributed.mean_across(torch.stack(window_psnr).mean())),
                    **{k: float(v) for k, v in stats.items()}, **{k: float(v) for k, v in quant.stats.items()}}
@@ -149,7 +149,7 @@ def _usage_on_fresh_crops(cfg: Config, model, fresh: TrainCrops, d: distributed.
                 x = torch.stack([fresh[i] for i in mine[start:start + cfg.batch_size]]).to(d.device)
                 counter.add(model.encode(x).indices)
             done = mark
-            curve.append((mark, mark * per_crop, counter.usage_across_ranks()))
+            curve.append((mark, mark * per_crop, counter.across_ranks().usage))
     return curve
 
 
