@@ -112,7 +112,8 @@ def run_one(plan: Plan, quantizer: str, k: int) -> dict:
     perceptual = evaluate_images(model, subset, cfg.batch_size, device).result()
     result = {key: metrics.get(key) for key in RESULT_KEYS}
     result.update(lpips=perceptual["lpips"], rfid=perceptual["rfid"], metric_images=len(subset),
-                  bridge=cfg.quantizer.bridge if quantizer == "bridge" else None, unavailable=perceptual["unavailable"])
+                  bridge=cfg.quantizer.bridge if quantizer == "bridge" else None, unavailable=perceptual["unavailable"],
+                  threads=torch.get_num_threads())  # step_time_s depends on it (runs may go two at a time)
     result_file.write_text(json.dumps(result, indent=1))
     return result
 
@@ -132,7 +133,7 @@ def write_report(plan: Plan, results: list[dict], command: str, machine: str) ->
             continue
         lines.append(f"| {r['quantizer']} | {r['codebook_size']} | {r['usage_train']:.1%} | {r['usage']:.1%} | "
                      f"{r['num_tokens']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {_fmt(r['lpips'], '.3f')} | "
-                     f"{_fmt(r['rfid'], '.1f')} | {r['step_time_s']:.3f} s |")
+                     f"{_fmt(r['rfid'], '.1f')} | {r['step_time_s']:.3f} s ({r.get('threads', '?')} thr) |")
     (plan.out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(plan.out / "usage_vs_k.png", results, "usage_train", "codebook usage (fresh training crops)", percent=True)
     _plot(plan.out / "psnr_vs_k.png", results, "psnr", "held-out PSNR (dB)")
