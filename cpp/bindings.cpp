@@ -8,14 +8,19 @@
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
 
 #include "gather.h"
+#include "generation.h"
 #include "lookup.h"
 #include "lookup_cuda.h"
+#include "sampler.h"
+#include "sampler_cuda.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -195,6 +200,57 @@ nb::ndarray<nb::numpy, float, nb::ndim<4>> gather_nchw_py(const AnyArray& codes,
     return out;
 }
 
+// logits (R, V) float32 on either device -> tokens (B,) int32 on the same device.
+nb::object sample_logits(const AnyArray& logits, double cfg_scale, double temperature, int64_t top_k, double top_p,
+                         uint64_t seed, uint64_t step, int threads, const std::string& kernel) {
+    const MatrixView view = matrix_view(logits, "logits", "(R, V)");
+    const SamplingParams params{cfg_scale, temperature, top_k, top_p, seed, step};
+    const int64_t batch = check_sampling(view, params);
+    if (on_cuda(logits)) {
+        require_cuda();
+        const int device = int(logits.device_id());
+        auto tokens = device_vector<int32_t>(batch, device);
+        {
+            nb::gil_scoped_release unlocked;
+            cuda::sample(view, params, tokens.data(), device);
+        }
+        return nb::cast(tokens);
+    }
+    auto tokens = host_vector<int32_t>(batch);
+    {
+        nb::gil_scoped_release unlocked;
+        sample(view, params, tokens.data(), threads, kernel);
+    }
+    return nb::cast(tokens);
+}
+
+// A C-contiguous float32 array of exactly `shape`, or std::invalid_argument.
+const float* exact_float_array(const AnyArray& a, const char* name, std::initializer_list<int64_t> shape) {
+    std::string want = "(";
+    for (int64_t n : shape) want += (want.size() > 1 ? ", " : "") + std::to_string(n);
+    want += ")";
+    if (a.dtype() != nb::dtype<float>())
+        throw std::invalid_argument(std::string(name) + " must be float32, got " + dtype_name(a.dtype()));
+    bool same = a.ndim() == shape.size() && !on_cuda(a);
+    int64_t expected_stride = 1, axis = int64_t(shape.size());
+    for (auto n = std::rbegin(shape); same && n != std::rend(shape); ++n) {
+        --axis;
+        same = int64_t(a.shape(size_t(axis))) == *n && (*n == 1 || a.stride(size_t(axis)) == expected_stride);
+        expected_stride *= *n;
+    }
+    if (!same)
+        throw std::invalid_argument(std::string(name) + " must be a C-contiguous CPU array of shape " + want +
+                                    ", got shape " + shape_of(a));
+    return static_cast<const float*>(a.data());
+}
+
+// The loop's KV cache as a numpy view that keeps the loop alive.
+nb::ndarray<nb::numpy, float, nb::ndim<5>> cache_view(SamplingLoop& loop, float* data) {
+    const CacheShape& s = loop.shape();
+    return {data, {size_t(s.layers), size_t(loop.rows()), size_t(s.heads), size_t(s.seq_len), size_t(s.head_dim)},
+            nb::handle()};
+}
+
 }  // namespace
 }  // namespace fullvq
 
@@ -207,6 +263,51 @@ NB_MODULE(_core, m) {
           "Index (M,) int32 of the nearest row of codebook (K, D) for each row of x (M, D), both float32.");
     m.def("gather_nchw", &gather_nchw_py, "codebook"_a, "ids"_a,
           "Code vectors (B, D, H, W) float32 of token ids (B, H, W) int32/int64 into codebook (K, D) float32.");
+    m.def("sample_logits", &sample_logits, "logits"_a, "cfg_scale"_a = 1.0, "temperature"_a = 1.0, "top_k"_a = 0,
+          "top_p"_a = 1.0, "seed"_a = 0, "step"_a = 0, "num_threads"_a = 0, "kernel"_a = "auto",
+          "One sampling step: tokens (B,) int32 from logits (R, V) float32 (R = 2B with guidance).");
+    nb::class_<SamplingLoop>(m, "SamplingLoop",
+                             "The generator's loop state between network calls: KV cache, draws, tokens, next input.")
+        .def("__init__",
+             [](SamplingLoop* self, int64_t images, int64_t layers, int64_t heads, int64_t seq_len, int64_t head_dim,
+                int64_t vocab, double cfg_scale, double temperature, int64_t top_k, double top_p, uint64_t seed,
+                int threads) {
+                 new (self) SamplingLoop(images, CacheShape{layers, heads, seq_len, head_dim}, vocab,
+                                         SamplingParams{cfg_scale, temperature, top_k, top_p, seed, 0}, threads);
+             },
+             "images"_a, "layers"_a, "heads"_a, "seq_len"_a, "head_dim"_a, "vocab"_a, "cfg_scale"_a, "temperature"_a,
+             "top_k"_a, "top_p"_a, "seed"_a, "num_threads"_a = 0)
+        .def_prop_ro("guided", &SamplingLoop::guided, "Whether rows are doubled for classifier-free guidance.")
+        .def_prop_ro("rows", &SamplingLoop::rows)
+        .def_prop_ro("position", &SamplingLoop::position, "Tokens drawn so far.")
+        .def_prop_ro("k_cache", [](SamplingLoop& l) { return cache_view(l, l.k_cache()); }, nb::rv_policy::reference_internal,
+                     "(L, R, H, T, hd) float32 keys, written by step().")
+        .def_prop_ro("v_cache", [](SamplingLoop& l) { return cache_view(l, l.v_cache()); }, nb::rv_policy::reference_internal)
+        .def("step",
+             [](SamplingLoop& l, const AnyArray& logits, const AnyArray& k, const AnyArray& v) {
+                 const CacheShape& s = l.shape();
+                 const MatrixView view = matrix_view(logits, "logits", "(R, V)");
+                 const float* kd = exact_float_array(k, "k", {s.layers, l.rows(), s.heads, 1, s.head_dim});
+                 const float* vd = exact_float_array(v, "v", {s.layers, l.rows(), s.heads, 1, s.head_dim});
+                 {
+                     nb::gil_scoped_release unlocked;
+                     l.step(view, kd, vd);
+                 }
+                 return nb::ndarray<nb::numpy, const int64_t, nb::ndim<1>>(l.next_input(), {size_t(l.rows())},
+                                                                            nb::handle());
+             },
+             "logits"_a, "k"_a, "v"_a, nb::rv_policy::reference_internal,
+             "Writes k, v (L, R, H, 1, hd) at the current position, draws the next token of every image from "
+             "logits (R, V) and returns the next input (R,) int64 (a view, rewritten by the next step).")
+        .def("tokens",
+             [](const SamplingLoop& l) {
+                 const int64_t b = l.images(), t = l.shape().seq_len;
+                 int32_t* data = new int32_t[size_t(b * t)];
+                 std::copy_n(l.tokens(), b * t, data);
+                 nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<int32_t*>(p); });
+                 return nb::ndarray<nb::numpy, int32_t, nb::ndim<2>>(data, {size_t(b), size_t(t)}, owner);
+             },
+             "The tokens drawn so far, (B, T) int32 (a copy; zeros past the position).");
     m.def("cpu_kernels", &available_kernels, "CPU kernels this machine can run, best first.");
     m.def("cuda_available", [] { return cuda::device_count() > 0; },
           "Whether the CUDA kernels are built and a device is usable.");
