@@ -1,12 +1,13 @@
-"""Autoencoder networks and the factory that builds a whole tokenizer from a Config."""
+"""Autoencoder networks, the factory that builds a whole tokenizer from a Config, and the generator GPT."""
 
 from __future__ import annotations
 
 from ..config import Config
 from ..quantizers import build_quantizer
 from .autoencoder import Decoder, Encoder, VQModel
+from .gpt import GPT
 
-__all__ = ["Decoder", "Encoder", "VQModel", "build_model"]
+__all__ = ["GPT", "Decoder", "Encoder", "VQModel", "build_model"]
 
 
 def build_model(cfg: Config, from_checkpoint: bool = False) -> VQModel:
