@@ -1,7 +1,8 @@
 """ckpt.pt: config (plain dict), model weights, optimiser state, step and RNG state.
 
 Written atomically (temporary file + rename), read with torch.load(weights_only=True), and
-enough on its own to rebuild the model (`load_model`).
+enough on its own to rebuild the model: a tokenizer (train/fvq.py) with `load_model`, a generator
+(train/gpt.py, marked "kind": "gpt") with `load_gpt`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .gpt_config import GPTConfig
 from .io import atomic_save
 
 FORMAT = "fullvq-checkpoint"
 VERSION = 1
+GPT_KIND = "gpt"
 
 
 def save(path: str | Path, state: dict) -> None:
@@ -50,6 +53,9 @@ def model_from_state(state: dict, ema: bool = True):
     """(model, config) from a loaded checkpoint dict (see load_model)."""
     from .models import build_model
 
+    if state.get("kind") == GPT_KIND:
+        raise ValueError("this is a generator checkpoint (train/gpt.py), not a tokenizer: load it with "
+                         "fullvq.checkpoint.load_gpt, or pass the tokenizer checkpoint (train/fvq.py) instead")
     cfg = Config.from_dict(state["config"])
     model = build_model(cfg, from_checkpoint=True)
     if ema and "ema" in state:
@@ -57,4 +63,23 @@ def model_from_state(state: dict, ema: bool = True):
                                if k.startswith("module.")})
     else:
         model.load_state_dict(state["model"])
+    return model.eval(), cfg
+
+
+def require_gpt(state: dict, path: str | Path) -> dict:
+    """`state` (a loaded checkpoint dict) when it is a generator's; a ValueError saying what it is otherwise."""
+    if state.get("kind") != GPT_KIND:
+        raise ValueError(f"{str(path)!r} is a tokenizer checkpoint (train/fvq.py), not a generator: load it with "
+                         f"fullvq.checkpoint.load_model, or pass a checkpoint written by train/gpt.py")
+    return state
+
+
+def load_gpt(path: str | Path, map_location: str | torch.device = "cpu"):
+    """(GPT in eval mode, GPTConfig) rebuilt from a generator checkpoint (train/gpt.py) alone."""
+    from .models.gpt import GPT
+
+    state = require_gpt(load(path, map_location), path)
+    cfg = GPTConfig.from_dict(state["config"])
+    model = GPT(cfg.model, cfg.vocab_size, cfg.grid, cfg.num_classes)
+    model.load_state_dict(state["model"])
     return model.eval(), cfg

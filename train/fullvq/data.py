@@ -21,6 +21,7 @@ HELDOUT_FRACTION = 0.25
 MAX_HELDOUT_IMAGES = 256
 _SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina",
                    "rocket", "stereo_motorcycle")
+DEFAULT_PHOTO_NAMES = (*_SKIMAGE_PHOTOS, "china", "flower", "grace_hopper")  # of default_photos(), in order
 
 
 def default_photos() -> list[Image.Image]:
@@ -141,12 +142,13 @@ class Skipped:
 
 
 def folder_images(files: list[Path], size: int, crop: str, skipped: Skipped) -> Iterator[torch.Tensor]:
-    """Per readable file, (N, 3, S, S) in [-1, 1]: its tiles (crop="tiles") or center crop (crop="center").
+    """Per readable file, (N, 3, S, S) in [-1, 1]: its tiles (crop="tiles"), its center crop (crop="center"),
+    or the center crop after resizing the short side to S (crop="resize", as generator training data is made).
 
     Unreadable files and files smaller than S on a side are recorded in `skipped`, never raised; other
     modes (grayscale, RGBA, palette) are converted to RGB (alpha dropped) and recorded."""
-    if crop not in ("tiles", "center"):
-        raise ValueError(f"unknown crop {crop!r}: expected 'tiles' or 'center'")
+    if crop not in ("tiles", "center", "resize"):
+        raise ValueError(f"unknown crop {crop!r}: expected 'tiles', 'center' or 'resize'")
     for path in files:
         try:
             with Image.open(path) as image:
@@ -160,6 +162,9 @@ def folder_images(files: list[Path], size: int, crop: str, skipped: Skipped) -> 
             continue
         if mode != "RGB":
             skipped.converted[str(path)] = mode
+        if crop == "resize":
+            scale = size / min(rgb.size)
+            rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.BICUBIC)
         x = to_tensor(rgb)
         yield tiles(x, size) if crop == "tiles" else center_crop(x, size)
 
