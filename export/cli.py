@@ -26,6 +26,8 @@ def main(onnx_only: bool, argv: list[str] | None = None) -> None:
     p.add_argument("-o", "--out", default="onnx" if onnx_only else "fvq.engine",
                    help="output folder" if onnx_only else "bundle file (default fvq.engine)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="default: the training size")
+    p.add_argument("--generator", metavar="GPT_CKPT", help="also export this generator (train/gpt.py), trained on "
+                                                           "this tokenizer's codes")
     if not onnx_only:
         p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16", help="of the TensorRT plans")
         p.add_argument("--batch", type=batch_range, default=(1, 8, 32), metavar="MIN:OPT:MAX",
@@ -35,9 +37,10 @@ def main(onnx_only: bool, argv: list[str] | None = None) -> None:
     size = tuple(args.image_size) if args.image_size else None
     try:
         if onnx_only:
-            done = export_onnx_files(args.checkpoint, args.out, size)
+            done = export_onnx_files(args.checkpoint, args.out, size, args.generator)
         else:
-            done = export(args.checkpoint, args.out, args.precision, args.batch, size, args.require_trt)
+            done = export(args.checkpoint, args.out, args.precision, args.batch, size, args.require_trt,
+                          args.generator)
     except (ExportError, ValueError, FileNotFoundError) as e:
         sys.exit(f"export: {e}")
     parity = ", ".join(f"{k} {v:.1e}" for k, v in done.parity.items())

@@ -5,6 +5,8 @@
     codebook.npy                 (K, D) float32, baked
     encoder.onnx, decoder.onnx   image (B, 3, H, W) in [-1, 1] -> latents (B, D, h, w); codes -> image
     trt/sm_XY/encoder.plan ...   optional TensorRT plans for one GPU architecture (manifest "trt")
+    generator/prefill.onnx,      optional, the autoregressive generator (manifest "generator": vocabulary,
+    generator/decode.onnx        grid, classes, null class, KV-cache layout); see fullvq_rt.generator
 
 `read_bundle` checks everything before anything is used: the archive, member names (nothing that
 could escape a folder, nothing unknown, nothing missing), sizes against the manifest and the file,
@@ -32,6 +34,7 @@ FORMAT = "fvq.engine"
 VERSION = 1
 MANIFEST = "manifest.json"
 REQUIRED_MEMBERS = ("codebook.npy", "encoder.onnx", "decoder.onnx")
+GENERATOR_MEMBERS = ("generator/prefill.onnx", "generator/decode.onnx")
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_MEMBER_BYTES = 16 << 30  # larger than any tokenizer network: a corrupt or hostile size field
 _TRT_PLAN = re.compile(r"trt/(sm_[0-9]{2,3})/(encoder|decoder)\.plan")
@@ -54,6 +57,21 @@ class TrtPlans:
 
 
 @dataclass(frozen=True)
+class GeneratorSpec:
+    """The generator's settings: R rows (2x the images with CFG) keep a KV cache of shape
+    (layers, R, heads, seq_len, head_dim) each for keys and values."""
+
+    vocab_size: int
+    grid: tuple[int, int]
+    num_classes: int
+    null_class: int
+    layers: int
+    heads: int
+    head_dim: int
+    seq_len: int
+
+
+@dataclass(frozen=True)
 class Bundle:
     """A verified bundle: its manifest fields, the codebook and the bytes of every member."""
 
@@ -66,6 +84,7 @@ class Bundle:
     members: dict[str, bytes]
     trt: dict[str, TrtPlans]
     manifest: dict[str, Any]
+    generator: GeneratorSpec | None = None
 
 
 def write_bundle(path: str | os.PathLike, manifest: dict[str, Any], members: dict[str, bytes]) -> None:
@@ -172,7 +191,7 @@ def _read_manifest(path: Path, archive: zipfile.ZipFile, infos: dict[str, zipfil
         if name not in listed:
             raise _fail(path, name, "is not listed in the manifest")
     for name in listed:
-        if name not in REQUIRED_MEMBERS and not _TRT_PLAN.fullmatch(name):
+        if name not in REQUIRED_MEMBERS + GENERATOR_MEMBERS and not _TRT_PLAN.fullmatch(name):
             raise _fail(path, name, "is listed in the manifest but is not a known member")
     for name in infos:
         if name != MANIFEST and name not in listed:
@@ -222,7 +241,31 @@ def _build(path: Path, manifest: dict[str, Any], members: dict[str, bytes]) -> B
         raise _fail(path, MANIFEST, f"metric must be one of {METRICS}, got {metric!r}")
     codebook = _load_codebook(path, members["codebook.npy"], (k, d))
     return Bundle(path, image_size, f, grid, metric, codebook, members, _trt_plans(path, manifest, members),
-                  manifest)
+                  manifest, _generator(path, manifest, members, k, grid))
+
+
+def _generator(path: Path, manifest: dict[str, Any], members: dict[str, bytes], k: int,
+               grid: tuple[int, int]) -> GeneratorSpec | None:
+    section = manifest.get("generator")
+    present = [name for name in GENERATOR_MEMBERS if name in members]
+    if section is None:
+        if present:
+            raise _fail(path, present[0], "is in the bundle but the manifest has no 'generator' section")
+        return None
+    for name in GENERATOR_MEMBERS:
+        if name not in members:
+            raise _fail(path, name, "is missing, but the manifest has a 'generator' section")
+    fields = ("vocab_size", "num_classes", "null_class", "layers", "heads", "head_dim", "seq_len")
+    if not isinstance(section, dict) or not all(_is_int(section.get(key), 1) for key in fields):
+        raise _fail(path, MANIFEST, f"'generator' needs positive integers {list(fields)}, got {section!r}")
+    spec = GeneratorSpec(grid=_pair(path, section, "grid"), **{key: int(section[key]) for key in fields})
+    if spec.vocab_size != k or spec.grid != grid or spec.seq_len != grid[0] * grid[1]:
+        raise _fail(path, MANIFEST, f"the generator's vocabulary {spec.vocab_size}, grid {spec.grid} and sequence "
+                                    f"length {spec.seq_len} do not match the tokenizer's {k} codes in a {grid} grid")
+    if spec.null_class != spec.num_classes:
+        raise _fail(path, MANIFEST, f"the generator's null class must be {spec.num_classes} (one past the last "
+                                    f"class), got {spec.null_class}")
+    return spec
 
 
 def _load_codebook(path: Path, data: bytes, shape: tuple[int, int]) -> np.ndarray:
@@ -266,6 +309,8 @@ def describe(bundle: Bundle) -> str:
     """One line: image size, grid, codebook and plans."""
     k, d = bundle.codebook.shape
     plans = ", ".join(f"{p.arch} TensorRT {p.tensorrt} {p.precision}" for p in bundle.trt.values()) or "none"
+    g = bundle.generator
+    generator = (f"; generator: {g.layers} layers x {g.heads} heads, {g.num_classes} classes" if g else "")
     return (f"{bundle.path.name}: {bundle.image_size[0]}x{bundle.image_size[1]} images -> "
             f"{bundle.grid[0]}x{bundle.grid[1]} tokens of {k} codes (dim {d}, {bundle.metric}, "
-            f"{math.log2(k):.1f} bits); TensorRT plans: {plans}")
+            f"{math.log2(k):.1f} bits){generator}; TensorRT plans: {plans}")

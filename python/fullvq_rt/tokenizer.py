@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _core
 from .backends import open_backend
-from .bundle import describe, read_bundle
+from .bundle import Bundle, describe, read_bundle
 from .images import as_uint8_batch, from_network, to_network
 from .lookup import Codebook
 
@@ -27,9 +27,9 @@ class Tokenizer:
     lookup (the bundle's metric) and the codebook gather run in fullvq_rt's C++ core.
     """
 
-    def __init__(self, path: str | os.PathLike, device: str = "auto", backend: str = "auto",
+    def __init__(self, path: str | os.PathLike | Bundle, device: str = "auto", backend: str = "auto",
                  num_threads: int | None = None):
-        self.bundle = read_bundle(path)
+        self.bundle = path if isinstance(path, Bundle) else read_bundle(path)
         self._backend = open_backend(self.bundle, device, backend, num_threads)
         self._codebook = Codebook(self.bundle.codebook, self.bundle.metric)
         self._threads = num_threads

@@ -5,7 +5,8 @@
 
 Graphs (opset 18, dynamic batch): encoder = quant_conv(encoder(image)), image (B, 3, H, W) in
 [-1, 1] -> latents (B, D, h, w); decoder = decoder(post_quant_conv(codes)), (B, D, h, w) ->
-(B, 3, H, W). Each is checked with onnx.checker and against PyTorch through ONNX Runtime before
+(B, 3, H, W); with `generator=GPT_CKPT`, the generator's prefill and decode graphs too
+(fullvq.export_gpt). Each is checked with onnx.checker and against PyTorch through ONNX Runtime before
 anything is written. TensorRT plans are built when TensorRT and a CUDA GPU are present (trt_build).
 """
 
@@ -98,8 +99,10 @@ def check_parity(name: str, module: nn.Module, graph: bytes, example: torch.Tens
     return error
 
 
-def export_graphs(ckpt: str | Path, image_size: tuple[int, int] | None = None) -> Exported:
-    """The two checked ONNX graphs, the codebook and the manifest fields of a checkpoint."""
+def export_graphs(ckpt: str | Path, image_size: tuple[int, int] | None = None,
+                  generator: str | Path | None = None) -> Exported:
+    """The checked ONNX graphs, the codebook and the manifest fields of a checkpoint (and of the
+    generator checkpoint trained on its codes, when given)."""
     from fullvq_rt.bundle import codebook_bytes
 
     model, cfg, step = load_for_export(ckpt)
@@ -130,6 +133,12 @@ def export_graphs(ckpt: str | Path, image_size: tuple[int, int] | None = None) -
                      "step": step},
         "trt": {},
     }
+    if generator is not None:
+        from .export_gpt import export_generator
+
+        members, out.manifest["generator"], parity = export_generator(generator, len(codebook), (h // f, w // f))
+        out.members.update(members)
+        out.parity.update(parity)
     return out
 
 
@@ -185,7 +194,8 @@ def build_trt_plans(exported: Exported, precision: str, batch: tuple[int, int, i
 
 
 def export(ckpt: str | Path, out: str | Path, precision: str = "fp16", batch: tuple[int, int, int] = (1, 8, 32),
-           image_size: tuple[int, int] | None = None, require_trt: bool = False) -> Exported:
+           image_size: tuple[int, int] | None = None, require_trt: bool = False,
+           generator: str | Path | None = None) -> Exported:
     """Writes the fvq.engine bundle of `ckpt` to `out`: ONNX graphs and codebook always, TensorRT
     plans for this GPU when TensorRT and a GPU are present (else `trt_skipped` says why, or, with
     `require_trt`, ExportError)."""
@@ -195,7 +205,7 @@ def export(ckpt: str | Path, out: str | Path, precision: str = "fp16", batch: tu
         raise ValueError(f"unknown precision {precision!r}: expected fp32, fp16 or bf16")
     if not (len(batch) == 3 and 1 <= batch[0] <= batch[1] <= batch[2]):
         raise ValueError(f"batch must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got {batch}")
-    exported = export_graphs(ckpt, image_size)
+    exported = export_graphs(ckpt, image_size, generator)
     exported.trt_skipped = tensorrt_unavailable()
     if exported.trt_skipped and require_trt:
         raise ExportError(f"--require-trt: cannot build TensorRT plans: {exported.trt_skipped}")
@@ -205,11 +215,13 @@ def export(ckpt: str | Path, out: str | Path, precision: str = "fp16", batch: tu
     return exported
 
 
-def export_onnx_files(ckpt: str | Path, out_dir: str | Path, image_size: tuple[int, int] | None = None) -> Exported:
-    """Writes encoder.onnx, decoder.onnx and codebook.npy (the graphs need it) to `out_dir`."""
-    exported = export_graphs(ckpt, image_size)
+def export_onnx_files(ckpt: str | Path, out_dir: str | Path, image_size: tuple[int, int] | None = None,
+                      generator: str | Path | None = None) -> Exported:
+    """Writes encoder.onnx, decoder.onnx and codebook.npy (the graphs need it) to `out_dir`, and
+    generator/{prefill,decode}.onnx when `generator` is given."""
+    exported = export_graphs(ckpt, image_size, generator)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     for name, data in exported.members.items():
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (out_dir / name).write_bytes(data)
     return exported

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: the bundle's ONNX graphs, CPU or CUDA execution provider."""
+"""ONNX Runtime: the bundle's ONNX graphs on the CPU or CUDA execution provider."""
 
 from __future__ import annotations
 
@@ -7,37 +7,66 @@ import numpy as np
 from ..bundle import Bundle, EngineError
 
 
+def _sessions(bundle: Bundle, members: tuple[str, ...], kind: str, index: int, num_threads: int | None) -> tuple:
+    """({member: InferenceSession}, device) for `members` of the bundle."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError("the ONNX Runtime backend needs onnxruntime: pip install onnxruntime "
+                          "(or onnxruntime-gpu)") from None
+    providers = ["CPUExecutionProvider"]
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if kind == "cuda" and not cuda:
+        raise ValueError("device='cuda' needs onnxruntime-gpu with a working CUDA provider (or a TensorRT "
+                         "plan in the bundle); use device='cpu' or 'auto'")
+    if kind != "cpu" and cuda:
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads or 0
+    sessions = {}
+    for member in members:
+        try:
+            sessions[member] = ort.InferenceSession(bundle.members[member], options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for invalid models
+            raise EngineError(f"{bundle.path}: member {member!r}: ONNX Runtime cannot load it "
+                              f"({str(e).splitlines()[0]}); re-export the checkpoint") from None
+    active = sessions[members[0]].get_providers()[0]
+    return sessions, f"cuda:{index}" if active == "CUDAExecutionProvider" else "cpu"
+
+
 class OnnxRuntimeBackend:
+    """The tokenizer's encoder and decoder."""
+
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, kind: str, index: int, num_threads: int | None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ImportError("the ONNX Runtime backend needs onnxruntime: pip install onnxruntime "
-                              "(or onnxruntime-gpu)") from None
-        providers = ["CPUExecutionProvider"]
-        cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-        if kind == "cuda" and not cuda:
-            raise ValueError("device='cuda' needs onnxruntime-gpu with a working CUDA provider (or a TensorRT "
-                             "plan in the bundle); use device='cpu' or 'auto'")
-        if kind != "cpu" and cuda:
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = num_threads or 0
-        self.sessions = {}
-        for net in ("encoder", "decoder"):
-            try:
-                self.sessions[net] = ort.InferenceSession(bundle.members[f"{net}.onnx"], options, providers=providers)
-            except Exception as e:  # onnxruntime raises its own exception types for invalid models
-                raise EngineError(f"{bundle.path}: member '{net}.onnx': ONNX Runtime cannot load it "
-                                  f"({str(e).splitlines()[0]}); re-export the checkpoint") from None
-        active = self.sessions["encoder"].get_providers()[0]
-        self.device = f"cuda:{index}" if active == "CUDAExecutionProvider" else "cpu"
-        self.inputs = {net: s.get_inputs()[0].name for net, s in self.sessions.items()}
+        sessions, self.device = _sessions(bundle, ("encoder.onnx", "decoder.onnx"), kind, index, num_threads)
+        self.encoder, self.decoder = sessions["encoder.onnx"], sessions["decoder.onnx"]
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        return self.sessions["encoder"].run(None, {self.inputs["encoder"]: x})[0]
+        return self.encoder.run(None, {self.encoder.get_inputs()[0].name: x})[0]
 
     def decode(self, z: np.ndarray) -> np.ndarray:
-        return self.sessions["decoder"].run(None, {self.inputs["decoder"]: z})[0]
+        return self.decoder.run(None, {self.decoder.get_inputs()[0].name: z})[0]
+
+
+class OnnxRuntimeGenerator:
+    """The generator's prefill and decode-step graphs (fullvq.export_gpt documents their inputs)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, kind: str, index: int, num_threads: int | None):
+        sessions, self.device = _sessions(bundle, ("generator/prefill.onnx", "generator/decode.onnx"), kind, index,
+                                          num_threads)
+        self.prefill_session, self.decode_session = sessions["generator/prefill.onnx"], sessions["generator/decode.onnx"]
+        self._pos = np.zeros(1, np.int64)
+
+    def prefill(self, labels: np.ndarray) -> list[np.ndarray]:
+        """labels (R,) int64 -> [logits (R, V), k (L, R, H, 1, hd), v (L, R, H, 1, hd)]."""
+        return self.prefill_session.run(None, {"labels": labels})
+
+    def decode(self, token: np.ndarray, pos: int, k_cache: np.ndarray, v_cache: np.ndarray) -> list[np.ndarray]:
+        """token (R,) int64 at sequence position `pos`, caches (L, R, H, T, hd) -> [logits, k, v]."""
+        self._pos[0] = pos
+        return self.decode_session.run(None, {"token": token, "pos": self._pos, "k_cache": k_cache,
+                                              "v_cache": v_cache})
