@@ -37,5 +37,10 @@ def test_quick_study_runs_and_resumes(tmp_path):
     again = subprocess.run(args(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and ckpt.stat().st_mtime_ns == stamp  # evaluated again, not retrained
     assert (out / "runs" / "vq-64" / "result.json").is_file()
+    report = subprocess.run(args() + ["--sizes", "64,128", "--report-only"], capture_output=True, text=True,
+                            timeout=900)
+    assert report.returncode == 0 and not (out / "runs" / "vq-128").exists()  # nothing trained
+    table = (out / "results.md").read_text()
+    assert "| vq | 64 | " in table and "| bridge | 128 | not run yet" in table
     other = subprocess.run(args(steps=3), capture_output=True, text=True, timeout=900)
     assert other.returncode != 0 and "use another --out" in other.stderr

@@ -8,8 +8,9 @@ with the largest patch of 8, 4, 2 that divides sqrt(K); 16 from 1024^2 codes on)
 on the held-out split (usage and PSNR on every tile, LPIPS and rFID on 512 of them) and over fresh
 training crops (usage_train), and writes OUT/results.json, OUT/results.md and the plots
 OUT/usage_vs_k.png and OUT/psnr_vs_k.png. Finished runs are kept and not redone; an interrupted
-run resumes. --quick: K = 1024 and 4096, vq and bridge, 300 steps (minutes). key=value overrides
-apply to every run (e.g. batch_size=16).
+run resumes. --quick: K = 1024 and 4096, vq and bridge, 300 steps (minutes). --report-only: write
+the report from the runs finished so far (the others are listed as not run), training nothing.
+key=value overrides apply to every run (e.g. batch_size=16).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default="")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--metric-images", type=int, help="held-out tiles for LPIPS and rFID (default 512, quick 64)")
+    p.add_argument("--report-only", action="store_true", help="tabulate the finished runs, train nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     defaults = QUICK if args.quick else {"sizes": "1024,16384,65536,262144", "quantizers": ",".join(QUANTIZERS),
@@ -55,14 +57,18 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for k in plan.sizes:
         for quantizer in plan.quantizers:
-            print(f"== {quantizer} K={k}", flush=True)
-            try:
-                results.append(run_one(plan, quantizer, k))
-            except ValueError as e:  # e.g. a K the bridge cannot lay out: recorded, the study goes on
-                results.append({"quantizer": quantizer, "codebook_size": k, "skipped": str(e)})
-            except StudyError as e:
-                sys.exit(f"study.py: {e}")
-            write_report(plan, results, "python train/study.py " + shlex.join(argv), _machine())
+            if args.report_only and not (plan.run_dir(quantizer, k) / "result.json").is_file():
+                results.append({"quantizer": quantizer, "codebook_size": k, "skipped": "not run yet"})
+            else:
+                print(f"== {quantizer} K={k}", flush=True)
+                try:
+                    results.append(run_one(plan, quantizer, k))
+                except ValueError as e:  # e.g. a K the bridge cannot lay out: recorded, the study goes on
+                    results.append({"quantizer": quantizer, "codebook_size": k, "skipped": str(e)})
+                except StudyError as e:
+                    sys.exit(f"study.py: {e}")
+            command = shlex.join(a for a in argv if a != "--report-only")  # the command that makes these runs
+            write_report(plan, results, "python train/study.py " + command, _machine())
     print((plan.out / "results.md").read_text())
 
 

@@ -129,7 +129,7 @@ def write_report(plan: Plan, results: list[dict], command: str, machine: str) ->
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['quantizer']} | {r['codebook_size']} | skipped: {r['skipped']} ||||||||")
+            lines.append(f"| {r['quantizer']} | {r['codebook_size']} | {r['skipped']} ||||||||")
             continue
         lines.append(f"| {r['quantizer']} | {r['codebook_size']} | {r['usage_train']:.1%} | {r['usage']:.1%} | "
                      f"{r['num_tokens']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {_fmt(r['lpips'], '.3f')} | "
