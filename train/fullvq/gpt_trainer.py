@@ -21,9 +21,9 @@ from tqdm import tqdm
 from . import checkpoint, distributed
 from .codes import CodesDataset
 from .gpt_config import GPTConfig
+from .io import truncate_log
 from .models.gpt import GPT, token_loss
 from .schedule import lr_factor
-from .trainer import _truncate_log
 
 EVAL_ROWS = 4096  # at most this many held-out rows (and as many training rows) in the final metrics
 NO_CODES = ("no codes to train on: tokenize images with a tokenizer checkpoint first, e.g.\n"
@@ -93,7 +93,7 @@ def _train(cfg: GPTConfig, d: distributed.Dist, resume: bool, stop_at: int | Non
                 else nullcontext())
 
     if d.main:
-        _truncate_log(out / "log.jsonl", step)
+        truncate_log(out / "log.jsonl", step)
     window, step_times = [], []
     last = min(cfg.steps, stop_at or cfg.steps)
     bar = tqdm(total=cfg.steps, initial=step, disable=not d.main, desc=f"gpt {cfg.preset}", dynamic_ncols=True,

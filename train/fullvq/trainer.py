@@ -18,6 +18,7 @@ from . import checkpoint, distributed
 from .config import Config
 from .data import TrainCrops, heldout_tiles, load_sources, train_batches
 from .evaluation import evaluate_images, save_grid
+from .io import truncate_log
 from .losses.loss import ReconstructionLoss
 from .metrics import CodeCounter, psnr
 from .models import build_model
@@ -78,7 +79,7 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
     batches = train_batches(TrainCrops(sources, cfg.image_size, cfg.seed), cfg.batch_size, step, d.rank, d.world,
                             cfg.num_workers)
     if d.main:
-        _truncate_log(out / "log.jsonl", step)
+        truncate_log(out / "log.jsonl", step)
     window = CodeCounter(cfg.quantizer.codebook_size, d.device)
     window_psnr, step_times = [], []
     last = min(cfg.steps, stop_at or cfg.steps)
@@ -151,13 +152,6 @@ def _usage_on_fresh_crops(cfg: Config, model, fresh: TrainCrops, d: distributed.
             done = mark
             curve.append((mark, mark * per_crop, counter.across_ranks().usage))
     return curve
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Keeps the log lines up to `step` (all of a resumed run's checkpointed past, none of a new run)."""
-    if path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
 def _state(cfg, model, ema, optimizer, criterion, disc_optimizer, step) -> dict:
