@@ -32,3 +32,20 @@ def tiny_engine(tmp_path_factory):
     ckpt = root / "run" / "ckpt.pt"
     export(ckpt, root / "fvq.engine")
     return ckpt, root / "fvq.engine"
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_engine, tmp_path_factory):
+    """(gen.engine, tokenizer ckpt, generator ckpt, export report): tiny_engine's tokenizer with a tiny
+    random generator (gpt_factory: 3 classes, 2 layers) exported beside it."""
+    from fullvq.export import export
+    from gpt_factory import gpt_checkpoint
+
+    from fullvq_rt import Tokenizer
+
+    tok_ckpt, tok_engine = tiny_engine
+    folder = tmp_path_factory.mktemp("generator")
+    tok = Tokenizer(tok_engine)
+    gpt = gpt_checkpoint(folder / "gpt.pt", len(tok.codebook), tok.grid)
+    report = export(tok_ckpt, folder / "gen.engine", generator=gpt)
+    return folder / "gen.engine", tok_ckpt, gpt, report

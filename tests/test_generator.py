@@ -3,62 +3,31 @@ PyTorch reference loop it came from."""
 
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bundle_factory import bundle_parts
-from fullvq_rt import EngineError, Generator, Tokenizer
+from gpt_factory import NUM_CLASSES, gpt_checkpoint
+from fullvq_rt import EngineError, Generator
 from fullvq_rt.bundle import write_bundle
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
 EXPORT = Path(__file__).resolve().parents[1] / "export"
-NUM_CLASSES = 3
-
-
-def gpt_checkpoint(path: Path, vocab: int, grid: tuple[int, int], seed: int = 0) -> Path:
-    """A tiny random generator whose head is scaled up so that its logits have clear maxima."""
-    from fullvq.checkpoint import save
-    from fullvq.gpt_config import gpt_preset
-    from fullvq.models import GPT
-
-    cfg = gpt_preset("tiny")
-    cfg.model.dim, cfg.model.n_layer, cfg.model.n_head = 32, 2, 2
-    cfg.vocab_size, cfg.grid, cfg.num_classes = vocab, grid, NUM_CLASSES
-    torch.manual_seed(seed)
-    model = GPT(cfg.model, vocab, grid, NUM_CLASSES)
-    with torch.no_grad():
-        model.output.weight.normal_(0, 1.0)
-    save(path, {"kind": "gpt", "config": asdict(cfg), "model": model.state_dict(), "step": 0})
-    return path
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_engine, tmp_path_factory):
-    """(generator engine, tokenizer ckpt, generator ckpt, export report)."""
-    from fullvq.export import export
-
-    tok_ckpt, tok_engine = tiny_engine
-    folder = tmp_path_factory.mktemp("generator")
-    tok = Tokenizer(tok_engine)
-    gpt = gpt_checkpoint(folder / "gpt.pt", len(tok.codebook), tok.grid)
-    report = export(tok_ckpt, folder / "gen.engine", generator=gpt)
-    return folder / "gen.engine", tok_ckpt, gpt, report
-
-
-@pytest.fixture(scope="module")
-def reference(engine):
+def reference(tiny_generator):
     from fullvq.checkpoint import load_gpt
 
-    return load_gpt(engine[2])[0]
+    return load_gpt(tiny_generator[2])[0]
 
 
-def test_export_checks_both_graphs_and_records_the_settings(engine):
-    path, _, _, report = engine
+def test_export_checks_both_graphs_and_records_the_settings(tiny_generator):
+    path, _, _, report = tiny_generator
     assert report.parity["generator/prefill"] < 1e-4 and report.parity["generator/decode"] < 1e-4
     gen = Generator(path, device="cpu")
     s = gen.spec
@@ -67,25 +36,26 @@ def test_export_checks_both_graphs_and_records_the_settings(engine):
 
 
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
-def test_greedy_generation_equals_pytorch_token_for_token(engine, reference, cfg):
+def test_greedy_generation_equals_pytorch_token_for_token(tiny_generator, reference, cfg):
     from fullvq.sampling import generate
 
     labels = np.array([0, 1, 2, 1])
-    gen = Generator(engine[0], device="cpu")
+    gen = Generator(tiny_generator[0], device="cpu")
     got = gen.sample_tokens(labels, cfg=cfg, top_k=1, seed=0)
     want = generate(reference, torch.from_numpy(labels), cfg_scale=cfg, top_k=1, seed=0).numpy()
     assert got.shape == (4, *gen.spec.grid) and got.dtype == np.int32
     np.testing.assert_array_equal(got.reshape(4, -1), want)
 
 
-def test_same_seed_same_images_and_seeds_differ(engine):
-    gen = Generator(engine[0], device="cpu", num_threads=1)
+def test_same_seed_same_images_and_seeds_differ(tiny_generator):
+    gen = Generator(tiny_generator[0], device="cpu", num_threads=1)
     kwargs = dict(cfg=2.0, temperature=1.0, top_k=50, top_p=0.9)
     a = gen.sample([0, 2], seed=7, **kwargs)
     assert a.shape == (2, *gen.image_size, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, gen.sample([0, 2], seed=7, **kwargs))
+    two_threads = Generator(tiny_generator[0], device="cpu", num_threads=2)
     np.testing.assert_array_equal(gen.sample_tokens([0, 2], seed=7, **kwargs),
-                                  Generator(engine[0], device="cpu", num_threads=2).sample_tokens([0, 2], seed=7, **kwargs))
+                                  two_threads.sample_tokens([0, 2], seed=7, **kwargs))
     assert not np.array_equal(gen.sample_tokens([0, 2], seed=7, **kwargs), gen.sample_tokens([0, 2], seed=8, **kwargs))
     assert gen.sample(1, seed=0).shape == (*gen.image_size, 3)  # one class id -> one image
 
@@ -93,15 +63,15 @@ def test_same_seed_same_images_and_seeds_differ(engine):
 @pytest.mark.parametrize("kwargs, name", [
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(cfg=-0.5), "cfg"),
     (dict(temperature=0.0), "temperature")])
-def test_bad_sampling_parameters_are_value_errors(engine, kwargs, name):
+def test_bad_sampling_parameters_are_value_errors(tiny_generator, kwargs, name):
     with pytest.raises(ValueError, match=name):
-        Generator(engine[0], device="cpu").sample_tokens([0], seed=0, **kwargs)
+        Generator(tiny_generator[0], device="cpu").sample_tokens([0], seed=0, **kwargs)
 
 
 @pytest.mark.parametrize("classes", [[NUM_CLASSES], [-1], [0, 7], [], [[0, 1]], [0.5]])
-def test_unknown_or_malformed_classes_are_value_errors(engine, classes):
+def test_unknown_or_malformed_classes_are_value_errors(tiny_generator, classes):
     with pytest.raises(ValueError, match="class"):
-        Generator(engine[0], device="cpu").sample_tokens(classes, seed=0)
+        Generator(tiny_generator[0], device="cpu").sample_tokens(classes, seed=0)
 
 
 def test_bundle_without_generator_is_refused(tiny_engine):
@@ -153,11 +123,12 @@ def test_export_refuses_a_generator_of_another_tokenizer(tiny_engine, tmp_path):
         export(tiny_engine[0], tmp_path / "x.engine", generator=gpt)
 
 
-def test_cli_exports_tokenizer_and_generator(engine, tmp_path):
+def test_cli_exports_tokenizer_and_generator(tiny_generator, tmp_path):
     out = tmp_path / "cli.engine"
-    run = subprocess.run([sys.executable, str(EXPORT / "to_trt.py"), str(engine[1]), "--generator", str(engine[2]),
+    _, tok_ckpt, gpt_ckpt, _ = tiny_generator
+    run = subprocess.run([sys.executable, str(EXPORT / "to_trt.py"), str(tok_ckpt), "--generator", str(gpt_ckpt),
                           "-o", str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "generator/decode" in run.stdout
     np.testing.assert_array_equal(Generator(out, device="cpu").sample_tokens([0, 2], top_k=1, seed=0),
-                                  Generator(engine[0], device="cpu").sample_tokens([0, 2], top_k=1, seed=0))
+                                  Generator(tiny_generator[0], device="cpu").sample_tokens([0, 2], top_k=1, seed=0))
