@@ -103,7 +103,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--sampler-vocab", type=int, default=262144)
+    p.add_argument("--sampler-vocab", type=int, default=262144, help="0 skips the sampler-share table")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -127,10 +127,12 @@ def main() -> None:
                     rows.append(row)
                     print(f"| {name} | {batch} | {loop} | {seconds:.3f} | {row['tokens_per_s']:.0f} | "
                           f"{row['speedup']:.2f} |", flush=True)
-    share = sampler_share("B", args.sampler_vocab, 8, args.repeats, args.threads)
-    print("\n| preset | vocabulary | batch (CFG rows) | PyTorch decode step ms | C++ sampler ms | sampler share |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(f"| B | {share['vocab']} | 8 (16) | {share['decode_ms']:.1f} | {share['sampler_ms']:.2f} | {share['share']:.1%} |")
+    share = sampler_share("B", args.sampler_vocab, 8, args.repeats, args.threads) if args.sampler_vocab else None
+    if share:
+        print("\n| preset | vocabulary | batch (CFG rows) | PyTorch decode step ms | C++ sampler ms | sampler share |")
+        print("|---|---:|---:|---:|---:|---:|")
+        print(f"| B | {share['vocab']} | 8 (16) | {share['decode_ms']:.1f} | {share['sampler_ms']:.2f} | "
+              f"{share['share']:.1%} |")
     if args.json:
         args.json.write_text(json.dumps(dict(cpu=cpu_model(), threads=args.threads, rows=rows, sampler=share), indent=1))
 
