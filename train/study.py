@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from fullvq.config import QUANTIZERS
-from fullvq.study import Plan, StudyError, run_one, write_report
+from fullvq.study import Plan, StudyError, lc_unsupported, run_one, write_report
 
 QUICK = {"sizes": "1024,4096", "quantizers": "vq,bridge", "steps": 300, "metric_images": 64}
 
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     for k in plan.sizes:
         for quantizer in plan.quantizers:
             if args.report_only and not (plan.run_dir(quantizer, k) / "result.json").is_file():
-                results.append({"quantizer": quantizer, "codebook_size": k, "skipped": "not run yet"})
+                reason = lc_unsupported(plan, k) if quantizer == "lc" else ""
+                results.append({"quantizer": quantizer, "codebook_size": k, "skipped": reason or "not run yet"})
             else:
                 print(f"== {quantizer} K={k}", flush=True)
                 try:
