@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
                 except StudyError as e:
                     sys.exit(f"study.py: {e}")
             command = shlex.join(a for a in argv if a != "--report-only")  # the command that makes these runs
-            write_report(plan, results, "python train/study.py " + command, _machine())
+            write_report(plan, results, f"python train/study.py {command}".rstrip(), _machine())
     print((plan.out / "results.md").read_text())
 
 
