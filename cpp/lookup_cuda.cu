@@ -10,6 +10,8 @@
 // Memory per lookup: O(M) plus a bounded chunk of prepared queries; never M x K.
 #include "lookup_cuda.h"
 
+#include "cuda_errors.h"
+
 #include "checks.h"
 
 #include <cuda_pipeline.h>
@@ -47,27 +49,7 @@ const cudaStream_t kStream = cudaStreamLegacy;
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 int64_t ceil_div(int64_t n, int64_t m) { return (n + m - 1) / m; }
 
-void check(cudaError_t err, const char* what) {
-    if (err != cudaSuccess)
-        throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(err));
-}
-
 void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
-
-// Makes `device` current for the guard's lifetime.
-class DeviceGuard {
-public:
-    explicit DeviceGuard(int device) {
-        check(cudaGetDevice(&previous_), "cudaGetDevice");
-        if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
-    }
-    ~DeviceGuard() { cudaSetDevice(previous_); }
-    DeviceGuard(const DeviceGuard&) = delete;
-    DeviceGuard& operator=(const DeviceGuard&) = delete;
-
-private:
-    int previous_ = 0;
-};
 
 // Per-device state created once: a memory pool that keeps scratch cached between calls (the
 // default pool returns it to the driver at every synchronisation) and the scan grid capacity.

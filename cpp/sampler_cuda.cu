@@ -10,6 +10,8 @@
 // The block reductions and scans have a fixed order, so the tokens are deterministic.
 #include "sampler_cuda.h"
 
+#include "cuda_errors.h"
+
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
@@ -25,26 +27,6 @@ namespace {
 constexpr int kThreads = 512;  // per block (one output row)
 constexpr int kItems = 4;      // consecutive tokens per thread per scan step
 const cudaStream_t kStream = cudaStreamLegacy;
-
-void check(cudaError_t err, const char* what) {
-    if (err != cudaSuccess)
-        throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(err));
-}
-
-// Makes `device` current for the guard's lifetime.
-class DeviceGuard {
-public:
-    explicit DeviceGuard(int device) {
-        check(cudaGetDevice(&previous_), "cudaGetDevice");
-        if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
-    }
-    ~DeviceGuard() { cudaSetDevice(previous_); }
-    DeviceGuard(const DeviceGuard&) = delete;
-    DeviceGuard& operator=(const DeviceGuard&) = delete;
-
-private:
-    int previous_ = 0;
-};
 
 // Stream-ordered scratch of n elements of T (nullptr when n == 0).
 template <class T>
