@@ -11,17 +11,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import fullvq_rt  # noqa: E402
+from gpu_marks import GPU  # noqa: E402
 from lookup_reference import ROUNDING, RTOL  # noqa: E402
 
-
-def _cuda_ready() -> bool:
-    return torch.cuda.is_available() and fullvq_rt.cuda_available()
-
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA device and a CUDA build of fullvq_rt"),
-]
+pytestmark = GPU
 
 METRICS = ("l2", "cosine")
 REF_CHUNK_ELEMS = 1 << 27  # float64 distance block of the reference: 1 GiB
