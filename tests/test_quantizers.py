@@ -73,16 +73,16 @@ def test_frozen_codebooks_get_no_gradient(name, lc_file):
 
 
 def test_bridge_outputs_zeros_at_initialisation():
-    bridge = VQBridge(1024, 8, "S/8", head_init_std=0.0)  # the paper's initialisation
+    bridge = VQBridge(1024, 8, *parse_bridge("S/8"), head_init_std=0.0)  # the paper's initialisation
     assert torch.equal(bridge(torch.randn(1024, 8)), torch.zeros(1024, 8))
-    codes = VQBridge(1024, 8, "XS/4", head_init_std=1e-3)(torch.randn(1024, 8))  # fullvq's default
+    codes = VQBridge(1024, 8, *parse_bridge("XS/4"), head_init_std=1e-3)(torch.randn(1024, 8))  # fullvq's default
     assert codes.abs().max() < 0.05 and len(torch.unique(codes, dim=0)) == 1024
 
 
 def test_bridge_keeps_codes_in_their_grid_patch():
     # Without the ViT blocks' mixing, output code k may depend only on the raw codes of its own
     # p x p patch of the sqrt(K) x sqrt(K) grid (code k at row k // side, column k % side).
-    bridge = VQBridge(256, 3, "XS/4")
+    bridge = VQBridge(256, 3, *parse_bridge("XS/4"))
     with torch.no_grad():
         for block in bridge.blocks:
             block.proj.weight.zero_(), block.proj.bias.zero_(), block.mlp[2].weight.zero_(), block.mlp[2].bias.zero_()

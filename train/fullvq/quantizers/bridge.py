@@ -56,14 +56,16 @@ def check_grid(codebook_size: int, patch: int) -> int:
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)). x (B, N, W)."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, mlp_width: int):
         super().__init__()
+        if width % heads:
+            raise ValueError(f"bridge width {width} is not divisible by its {heads} attention heads")
         self.heads = heads
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
-        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(approximate="tanh"), nn.Linear(2 * width, width))
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_width), nn.GELU(approximate="tanh"), nn.Linear(mlp_width, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, w = x.shape
@@ -73,14 +75,20 @@ class Block(nn.Module):
 
 
 class VQBridge(nn.Module):
-    """(K, D) raw codes -> (K, D) codes."""
+    """(K, D) raw codes -> (K, D) codes.
 
-    def __init__(self, codebook_size: int, dim: int, name: str = "S/4", head_init_std: float = 0.0):
+    `VQBridge(K, D, *parse_bridge("S/4"))` builds a named config; the MLP is 2x the width unless
+    `mlp_width` says otherwise. `pos_embed` ((K / p^2, width), added after the patch embedding) is
+    None as in the paper; only bridges converted from other code bases (fullvq.interop) set it.
+    """
+
+    def __init__(self, codebook_size: int, dim: int, width: int, depth: int, heads: int, patch: int,
+                 head_init_std: float = 0.0, mlp_width: int | None = None):
         super().__init__()
-        width, depth, heads, patch = parse_bridge(name)
         self.side, self.patch, self.dim = check_grid(codebook_size, patch), patch, dim
         self.patch_embed = nn.Conv2d(dim, width, kernel_size=patch, stride=patch)
-        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.register_buffer("pos_embed", None)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_width or 2 * width) for _ in range(depth))
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
         self.head = nn.Linear(width, patch * patch * dim)
         nn.init.zeros_(self.head.bias)
@@ -93,6 +101,8 @@ class VQBridge(nn.Module):
         s, p, d = self.side, self.patch, self.dim
         grid = codes.T.reshape(1, d, s, s)
         x = self.patch_embed(grid).flatten(2).transpose(1, 2)  # (1, (s/p)^2, W)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
         for block in self.blocks:
             x = block(x)
         x = self.head(self.norm(x))  # (1, (s/p)^2, p*p*D)
@@ -104,7 +114,7 @@ class BridgeQuantizer(Quantizer):
     def __init__(self, codebook_size: int, dim: int, bridge: str = "S/4", head_init_std: float = 0.0, **kw):
         super().__init__(codebook_size, dim, **kw)
         self.raw = nn.Parameter(torch.randn(codebook_size, dim))
-        self.bridge = VQBridge(codebook_size, dim, bridge, head_init_std)
+        self.bridge = VQBridge(codebook_size, dim, *parse_bridge(bridge), head_init_std)
 
     def codebook(self) -> torch.Tensor:
         return self.bridge(self.raw)
