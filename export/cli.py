@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fullvq import interop
 from fullvq.export import ExportError, export, export_onnx_files
 
 
@@ -33,14 +34,17 @@ def main(onnx_only: bool, argv: list[str] | None = None) -> None:
         p.add_argument("--batch", type=batch_range, default=(1, 8, 32), metavar="MIN:OPT:MAX",
                        help="TensorRT optimisation profile (default 1:8:32)")
         p.add_argument("--require-trt", action="store_true", help="fail when TensorRT plans cannot be built")
+    interop.add_arguments(p)
     args = p.parse_args(argv)
     size = tuple(args.image_size) if args.image_size else None
     try:
+        ckpt = interop.from_arguments(args)
+        if isinstance(ckpt, dict):
+            print(interop.describe(ckpt))
         if onnx_only:
-            done = export_onnx_files(args.checkpoint, args.out, size, args.generator)
+            done = export_onnx_files(ckpt, args.out, size, args.generator)
         else:
-            done = export(args.checkpoint, args.out, args.precision, args.batch, size, args.require_trt,
-                          args.generator)
+            done = export(ckpt, args.out, args.precision, args.batch, size, args.require_trt, args.generator)
     except (ExportError, ValueError, FileNotFoundError) as e:
         sys.exit(f"export: {e}")
     parity = ", ".join(f"{k} {v:.1e}" for k, v in done.parity.items())

@@ -2,6 +2,7 @@
 
     python train/evaluate.py runs/fvq/ckpt.pt --data DIR [--json OUT] [--crop tiles|center]
     torchrun --nproc_per_node=8 train/evaluate.py ckpt.pt --data /imagenet/val
+    python train/evaluate.py vq_ds16_c2i.pt --from llamagen --data DIR     # published weights
 
 Images larger than the model's input are cut into non-overlapping tiles of the input size
 (--crop tiles, the default) or center-cropped without resizing (--crop center); smaller images are
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from fullvq import checkpoint, distributed
+from fullvq import checkpoint, distributed, interop
 from fullvq.data import Skipped, heldout_tiles, list_images, load_sources
 from fullvq.evaluation import evaluate_files, evaluate_images, save_code_histogram
 
@@ -35,13 +36,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--crop", choices=("tiles", "center"), default="tiles")
     p.add_argument("--lpips-net", choices=("alex", "vgg", "none"), default="alex")
     p.add_argument("--no-fid", action="store_true", help="skip rFID (the Inception pass is the slowest part)")
+    interop.add_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
-        model, cfg = checkpoint.load_model(args.checkpoint)
+        state = checkpoint.state_of(interop.from_arguments(args))
+        model, cfg = checkpoint.model_from_state(state)
         files = list_images(args.data) if args.data else None
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"evaluate.py: {e}")
@@ -65,6 +68,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         if not d.main:
             return None
         metrics["protocol"]["crop"] = crop
+        if "converted_from" in state:
+            print(interop.describe(state))
+            metrics["converted_from"] = state["converted_from"]
         metrics.update(checkpoint=str(args.checkpoint), data=args.data or "held-out split",
                        codebook_size=cfg.quantizer.codebook_size, num_files=len(files) if files else None,
                        skipped_unreadable=len(skipped.unreadable), skipped_too_small=len(skipped.too_small),

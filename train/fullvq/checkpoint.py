@@ -35,12 +35,18 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {str(path)!r}: {e}. Is the file complete?") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not a fullvq checkpoint (published LlamaGen/FVQ weights need "
-                         f"conversion first)")
+        raise ValueError(f"{str(path)!r} is not a fullvq checkpoint: for published LlamaGen or FVQ weights, pass "
+                         f"--from llamagen or --from fvq (or convert them once with train/convert.py)")
     if state.get("version") != VERSION:
         raise ValueError(f"{str(path)!r} is a version {state.get('version')} fullvq checkpoint; this fullvq "
                          f"reads version {VERSION}: use the fullvq release that wrote it")
     return state
+
+
+def state_of(ckpt: str | Path | dict) -> dict:
+    """The checkpoint dict of `ckpt`: a path (loaded with `load`), or a dict already loaded or
+    converted (fullvq.interop)."""
+    return ckpt if isinstance(ckpt, dict) else load(ckpt)
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu", ema: bool = True):

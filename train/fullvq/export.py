@@ -63,13 +63,21 @@ def downsample_factor(cfg: Config) -> int:
     return 2 ** (len(cfg.model.ch_mult) - 1)
 
 
-def load_for_export(ckpt: str | Path) -> tuple[nn.Module, Config, int]:
-    """(model in float32 eval mode, config, training step) of a checkpoint."""
-    state = checkpoint.load(ckpt)
+def checkpoint_name(ckpt: str | Path | dict) -> str:
+    """The file a checkpoint (path, or dict loaded or converted from one) came from."""
+    if isinstance(ckpt, dict):
+        return ckpt.get("converted_from", {}).get("path", "(checkpoint dict)")
+    return str(ckpt)
+
+
+def load_for_export(ckpt: str | Path | dict) -> tuple[nn.Module, Config, int]:
+    """(model in float32 eval mode, config, training step) of a checkpoint: a path, or a checkpoint
+    dict (checkpoint.load, or fullvq.interop.convert for published LlamaGen / FVQ weights)."""
+    state = checkpoint.state_of(ckpt)
     model, cfg = checkpoint.model_from_state(state)
     if cfg.quantizer.residual_depth > 1:
-        raise ExportError(f"{ckpt}: residual quantizers (residual_depth={cfg.quantizer.residual_depth}) cannot be "
-                          f"exported yet: the bundle holds one codebook")
+        raise ExportError(f"{checkpoint_name(ckpt)}: residual quantizers (residual_depth="
+                          f"{cfg.quantizer.residual_depth}) cannot be exported yet: the bundle holds one codebook")
     return model.float().eval(), cfg, int(state["step"])
 
 
@@ -99,7 +107,7 @@ def check_parity(name: str, module: nn.Module, graph: bytes, example: torch.Tens
     return error
 
 
-def export_graphs(ckpt: str | Path, image_size: tuple[int, int] | None = None,
+def export_graphs(ckpt: str | Path | dict, image_size: tuple[int, int] | None = None,
                   generator: str | Path | None = None) -> Exported:
     """The checked ONNX graphs, the codebook and the manifest fields of a checkpoint (and of the
     generator checkpoint trained on its codes, when given)."""
@@ -129,10 +137,12 @@ def export_graphs(ckpt: str | Path, image_size: tuple[int, int] | None = None,
         "metric": model.quantize.metric,
         "input": {"layout": "NCHW", "dtype": "float32", "range": [-1.0, 1.0], "from_uint8": "x / 127.5 - 1"},
         "built_by": {"fullvq": _version(), "torch": torch.__version__, "opset": OPSET, "host": platform.node(),
-                     "checkpoint": str(ckpt), "quantizer": cfg.quantizer.name, "preset": cfg.preset,
+                     "checkpoint": checkpoint_name(ckpt), "quantizer": cfg.quantizer.name, "preset": cfg.preset,
                      "step": step},
         "trt": {},
     }
+    if isinstance(ckpt, dict) and "converted_from" in ckpt:
+        out.manifest["built_by"]["converted_from"] = ckpt["converted_from"]
     if generator is not None:
         from .export_gpt import export_generator
 
@@ -193,7 +203,7 @@ def build_trt_plans(exported: Exported, precision: str, batch: tuple[int, int, i
     m["trt"][arch] = {"tensorrt": trt.__version__, "precision": precision, "batch": list(batch)}
 
 
-def export(ckpt: str | Path, out: str | Path, precision: str = "fp16", batch: tuple[int, int, int] = (1, 8, 32),
+def export(ckpt: str | Path | dict, out: str | Path, precision: str = "fp16", batch: tuple[int, int, int] = (1, 8, 32),
            image_size: tuple[int, int] | None = None, require_trt: bool = False,
            generator: str | Path | None = None) -> Exported:
     """Writes the fvq.engine bundle of `ckpt` to `out`: ONNX graphs and codebook always, TensorRT
@@ -215,7 +225,7 @@ def export(ckpt: str | Path, out: str | Path, precision: str = "fp16", batch: tu
     return exported
 
 
-def export_onnx_files(ckpt: str | Path, out_dir: str | Path, image_size: tuple[int, int] | None = None,
+def export_onnx_files(ckpt: str | Path | dict, out_dir: str | Path, image_size: tuple[int, int] | None = None,
                       generator: str | Path | None = None) -> Exported:
     """Writes encoder.onnx, decoder.onnx and codebook.npy (the graphs need it) to `out_dir`, and
     generator/{prefill,decode}.onnx when `generator` is given."""

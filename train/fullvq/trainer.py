@@ -47,6 +47,8 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
         state = checkpoint.load(ckpt_path)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, from_checkpoint=state is not None).to(d.device)
+    if state is not None:
+        model.load_state_dict(state["model"])
     criterion = ReconstructionLoss(cfg.loss).to(d.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = None
@@ -56,8 +58,7 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
     if criterion.discriminator is not None:
         disc_optimizer = torch.optim.Adam(criterion.discriminator.parameters(), lr=cfg.loss.disc_lr, betas=cfg.betas)
     step = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
+    if state is not None and "optimizer" in state:  # weights only (train/convert.py): fine-tuning starts at step 0
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
