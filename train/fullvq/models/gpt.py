@@ -70,18 +70,30 @@ class Attention(nn.Module):
         """x (B, S, dim) -> (out (B, S, dim), k (B, H, S, hd), v (B, H, S, hd)).
 
         Without `cache` the S positions attend causally among themselves. With cache = (k_cache,
-        v_cache (B, H, T, hd), earlier (T, 1) bool, visible (1, T) bool), the one new position attends
-        to the cached rows marked `earlier` and to itself; rows not `visible` are masked."""
+        v_cache (B, H, T, hd), earlier (T,) bool), the one new position attends to the cached rows
+        marked `earlier` and to itself."""
         b, s, _ = x.shape
         q, k, v = self.wqkv(x).view(b, s, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            k_cache, v_cache, earlier, visible = cache
-            out = F.scaled_dot_product_attention(q, torch.where(earlier, k_cache, k), torch.where(earlier, v_cache, v),
-                                                 attn_mask=visible)
+            out = cached_attention(q, k, v, *cache)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(b, s, -1))), k, v
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     earlier: torch.Tensor) -> torch.Tensor:
+    """One new position's attention: q, k, v (B, H, 1, hd) over the cached rows marked `earlier`
+    (T,) bool of k_cache, v_cache (B, H, T, hd), and over itself -> (B, H, 1, hd).
+
+    The softmax is split into the cached part and the new position, so the cache is only read
+    (never merged with the new row into a cache-sized copy)."""
+    scale = q.shape[-1] ** -0.5
+    past = (q @ k_cache.transpose(-1, -2) * scale).masked_fill(~earlier, float("-inf"))  # (B, H, 1, T)
+    new = (q * k).sum(-1, keepdim=True) * scale  # (B, H, 1, 1)
+    weights = torch.cat([past, new], -1).softmax(-1)
+    return weights[..., :-1] @ v_cache + weights[..., -1:] * v
 
 
 class FeedForward(nn.Module):
@@ -187,9 +199,10 @@ class GPT(nn.Module):
     def decode(self, token: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One position: token (B,) int64 at sequence position pos (1,) int64, 1 <= pos <= T - 1,
-        with k_cache, v_cache (L, B, H, T, hd) holding positions < pos (later rows are ignored,
-        whatever they hold) -> (logits (B, V) predicting token pos, k, v (L, B, H, 1, hd) of
-        position pos, for the caller to write into cache[..., pos, :]).
+        with k_cache, v_cache (L, B, H, T, hd) holding positions < pos (later rows get attention
+        weight exactly 0: k_cache's may hold anything, v_cache's must be finite, e.g. zeros) ->
+        (logits (B, V) predicting token pos, k, v (L, B, H, 1, hd) of position pos, for the caller to
+        write into cache[..., pos, :]).
 
         Inference path (call in eval mode); `pos` is only used as a tensor, so that it exports."""
         want = (self.n_layer, self.n_head, self.seq_len, self.head_dim)
@@ -197,13 +210,12 @@ class GPT(nn.Module):
             if cache.dim() != 5 or (cache.shape[0], *cache.shape[2:]) != want:
                 raise ValueError(f"{name} has shape {tuple(cache.shape)}; expected (L, B, H, T, hd) with "
                                  f"(L, H, T, hd) = {want}: allocate it with GPT.cache_shape(B)")
-        steps = torch.arange(self.seq_len, device=pos.device)
-        earlier, visible = (steps < pos)[:, None], (steps <= pos)[None]
+        earlier = torch.arange(self.seq_len, device=pos.device) < pos
         cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)
         x = self.tok_embeddings(token)[:, None]
         keys, values = [], []
         for layer, k_past, v_past in zip(self.layers, k_cache, v_cache):
-            x, k, v = layer(x, cos, sin, (k_past, v_past, earlier, visible))
+            x, k, v = layer(x, cos, sin, (k_past, v_past, earlier))
             keys.append(k)
             values.append(v)
         return self.output(self.norm(x[:, 0])).float(), torch.stack(keys), torch.stack(values)
