@@ -1,8 +1,10 @@
 """Generator export (prefill + decode graphs in the bundle) and fullvq_rt.Generator against the
 PyTorch reference loop it came from."""
 
+import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +115,18 @@ def test_generator_members_and_section_come_together(tmp_path):
     write_bundle(tmp_path / "b.engine", manifest, members)
     with pytest.raises(EngineError, match="no 'generator' section"):
         read_bundle(tmp_path / "b.engine")
+
+
+def test_decode_graph_of_another_layout_is_refused(tiny_generator, tmp_path):
+    from fullvq_rt.bundle import read_bundle
+
+    bundle = read_bundle(tiny_generator[0])
+    members = dict(bundle.members)
+    members["generator/decode.onnx"] = members["generator/prefill.onnx"]  # inputs ["labels"]
+    manifest = json.loads(zipfile.ZipFile(tiny_generator[0]).read("manifest.json"))
+    write_bundle(tmp_path / "old.engine", manifest, members)
+    with pytest.raises(EngineError, match="takes inputs \\['labels'\\].*per-layer KV cache.*re-export"):
+        Generator(tmp_path / "old.engine")
 
 
 def test_export_refuses_a_generator_of_another_tokenizer(tiny_engine, tmp_path):

@@ -169,8 +169,11 @@ def test_bad_inputs_are_value_errors_naming_them(tokens, labels, match):
 def test_bad_cache_and_shapes_are_value_errors():
     gpt = tiny()
     cache = torch.zeros(gpt.cache_shape(2))
-    with pytest.raises(ValueError, match="v_cache has shape"):
-        gpt.decode(torch.zeros(2, dtype=torch.long), torch.tensor([1]), cache, cache[:, :, :, :-1])
+    token, pos = torch.zeros(2, dtype=torch.long), torch.tensor([1])
+    with pytest.raises(ValueError, match="v_cache holds layers of shapes .*expected 2 layers of"):
+        gpt.decode(token, pos, cache, cache[:, :, :, :-1])
+    with pytest.raises(ValueError, match="k_cache holds layers of shapes \\[\\(2, 2, 12, 16\\)\\]; expected 2"):
+        gpt.decode(token, pos, [cache[0]], cache)
     with pytest.raises(ValueError, match="multiple of 4"):
         GPT(GPTModelConfig(dim=24, n_head=4), V, GRID, CLASSES)
     with pytest.raises(ValueError, match="grid"):

@@ -70,6 +70,12 @@ class GeneratorSpec:
     head_dim: int
     seq_len: int
 
+    @property
+    def decode_inputs(self) -> list[str]:
+        """The decode graph's inputs: token, pos, then one (R, heads, seq_len, head_dim) cache input
+        per layer, keys first (so that ONNX Runtime reads each layer of the caller's cache in place)."""
+        return ["token", "pos", *(f"{kind}_cache_{i}" for kind in "kv" for i in range(self.layers))]
+
 
 @dataclass(frozen=True)
 class Bundle:

@@ -2,26 +2,31 @@
 KV cache as explicit inputs and outputs (the runtime owns the cache and writes each new position).
 
     prefill: labels (R,) int64 -> logits (R, V), k (L, R, H, 1, hd), v (L, R, H, 1, hd)
-    decode:  token (R,) int64, pos (1,) int64, k_cache (L, R, H, T, hd), v_cache (L, R, H, T, hd)
-             -> logits (R, V), k (L, R, H, 1, hd), v (L, R, H, 1, hd)
+    decode:  token (R,) int64, pos (1,) int64, k_cache_0 .. k_cache_{L-1}, v_cache_0 .. v_cache_{L-1}
+             (R, H, T, hd) each -> logits (R, V), k (L, R, H, 1, hd), v (L, R, H, 1, hd)
 
-R (rows, twice the images when CFG doubles the batch) is dynamic; T = h * w is fixed. See
-fullvq.models.gpt for the sequence layout and the cache contract.
+R (rows, twice the images when CFG doubles the batch) is dynamic; T = h * w is fixed. The cache goes
+in one input per layer, so that ONNX Runtime reads the caller's buffers in place (one (L, R, H, T,
+hd) input would be split, that is copied, every step). See fullvq.models.gpt for the sequence
+layout and the cache contract.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from fullvq_rt.bundle import GeneratorSpec
+
 from . import checkpoint
 from .export import OPSET, PARITY_ATOL, ExportError
 
 PREFILL_IO = (["labels"], ["logits", "k", "v"])
-DECODE_IO = (["token", "pos", "k_cache", "v_cache"], ["logits", "k", "v"])
+DECODE_OUTPUTS = ["logits", "k", "v"]
 
 
 class PrefillGraph(nn.Module):
@@ -38,18 +43,21 @@ class DecodeGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, token: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
-        return self.model.decode(token, pos, k_cache, v_cache)
+    def forward(self, token: torch.Tensor, pos: torch.Tensor, *caches: torch.Tensor):
+        """caches: the L layers of k_cache, then the L layers of v_cache."""
+        layers = self.model.n_layer
+        return self.model.decode(token, pos, caches[:layers], caches[layers:])
 
 
-def _onnx(module: nn.Module, example: tuple, names: tuple[list[str], list[str]], batch_axes: list[int | None]) -> bytes:
-    """ONNX bytes of `module` with the rows axis of each input dynamic, checked by onnx.checker."""
+ROWS = torch.export.Dim("rows", min=1, max=4096)
+
+
+def _onnx(module: nn.Module, example: tuple, names: tuple[list[str], list[str]], dynamic_shapes: tuple) -> bytes:
+    """ONNX bytes of `module` with the ROWS axes of `dynamic_shapes` dynamic, checked by onnx.checker."""
     import onnx
 
-    rows = torch.export.Dim("rows", min=1, max=4096)
-    shapes = tuple({axis: rows} if axis is not None else None for axis in batch_axes)
     program = torch.onnx.export(module, example, input_names=names[0], output_names=names[1], opset_version=OPSET,
-                                dynamo=True, dynamic_shapes=shapes, verbose=False)
+                                dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False)
     proto = program.model_proto
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
@@ -79,20 +87,22 @@ def export_generator(ckpt: str | Path, vocab_size: int, grid: tuple[int, int]) -
                           f"the tokenizer has {vocab_size} codes in a {tuple(grid)} grid: export the tokenizer that "
                           f"made its codes ({cfg.tokenizer or 'see the codes folder meta.json'})")
     m = cfg.model
-    layers, heads, head_dim, seq = m.n_layer, m.n_head, m.dim // m.n_head, grid[0] * grid[1]
+    spec = GeneratorSpec(vocab_size, tuple(grid), cfg.num_classes, cfg.num_classes, m.n_layer, m.n_head,
+                         m.dim // m.n_head, grid[0] * grid[1])
     rows = 3
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(cfg.num_classes + 1, (rows,), generator=g)
-    cache = torch.randn(2, layers, rows, heads, seq, head_dim, generator=g)
-    decode_example = (torch.randint(vocab_size, (rows,), generator=g), torch.tensor([min(2, seq - 1)]), cache[0], cache[1])
+    cache = torch.randn(2 * spec.layers, rows, spec.heads, spec.seq_len, spec.head_dim, generator=g)
+    decode_example = (torch.randint(vocab_size, (rows,), generator=g), torch.tensor([min(2, spec.seq_len - 1)]),
+                      *cache.unbind())
     members, parity = {}, {}
-    for name, module, example, io, axes in (
-            ("prefill", PrefillGraph(model), (labels,), PREFILL_IO, [0]),
-            ("decode", DecodeGraph(model), decode_example, DECODE_IO, [0, None, 1, 1])):
-        graph = _onnx(module.eval(), example, io, axes)
+    rows = {0: ROWS}
+    for name, module, example, io, dynamic in (
+            ("prefill", PrefillGraph(model), (labels,), PREFILL_IO, (rows,)),
+            ("decode", DecodeGraph(model), decode_example, (spec.decode_inputs, DECODE_OUTPUTS),
+             (rows, None, (rows,) * 2 * spec.layers))):  # the caches arrive as one *args tuple
+        graph = _onnx(module.eval(), example, io, dynamic)
         parity[f"generator/{name}"] = _parity(name, module, graph, example, io[0])
         members[f"generator/{name}.onnx"] = graph
-    section = {"vocab_size": vocab_size, "grid": list(grid), "num_classes": cfg.num_classes,
-               "null_class": cfg.num_classes, "layers": layers, "heads": heads, "head_dim": head_dim,
-               "seq_len": seq, "preset": cfg.preset, "checkpoint": str(ckpt)}
+    section = {**asdict(spec), "grid": list(grid), "preset": cfg.preset, "checkpoint": str(ckpt)}
     return members, section, parity

@@ -59,6 +59,12 @@ class OnnxRuntimeGenerator:
         sessions, self.device = _sessions(bundle, ("generator/prefill.onnx", "generator/decode.onnx"), kind, index,
                                           num_threads)
         self.prefill_session, self.decode_session = sessions["generator/prefill.onnx"], sessions["generator/decode.onnx"]
+        self.inputs = bundle.generator.decode_inputs
+        found = [i.name for i in self.decode_session.get_inputs()]
+        if found != self.inputs:
+            raise EngineError(f"{bundle.path}: member 'generator/decode.onnx' takes inputs {found[:4]}..., not the "
+                              f"per-layer KV cache this runtime passes ({self.inputs[:4]}...): it was exported by "
+                              f"another fullvq version; re-export the generator")
         self._pos = np.zeros(1, np.int64)
 
     def prefill(self, labels: np.ndarray) -> list[np.ndarray]:
@@ -66,7 +72,7 @@ class OnnxRuntimeGenerator:
         return self.prefill_session.run(None, {"labels": labels})
 
     def decode(self, token: np.ndarray, pos: int, k_cache: np.ndarray, v_cache: np.ndarray) -> list[np.ndarray]:
-        """token (R,) int64 at sequence position `pos`, caches (L, R, H, T, hd) -> [logits, k, v]."""
+        """token (R,) int64 at sequence position `pos`, caches (L, R, H, T, hd) C-contiguous ->
+        [logits, k, v]. Each layer of the caches goes in as a view, which ONNX Runtime reads in place."""
         self._pos[0] = pos
-        return self.decode_session.run(None, {"token": token, "pos": self._pos, "k_cache": k_cache,
-                                              "v_cache": v_cache})
+        return self.decode_session.run(None, dict(zip(self.inputs, (token, self._pos, *k_cache, *v_cache))))

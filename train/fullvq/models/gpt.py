@@ -20,6 +20,8 @@ rotated (LlamaGen zeroes it instead, which erases the class token's q and k).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -196,25 +198,27 @@ class GPT(nn.Module):
             values.append(v)
         return self.output(self.norm(x[:, 0])).float(), torch.stack(keys), torch.stack(values)
 
-    def decode(self, token: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode(self, token: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor | Sequence[torch.Tensor],
+               v_cache: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One position: token (B,) int64 at sequence position pos (1,) int64, 1 <= pos <= T - 1,
-        with k_cache, v_cache (L, B, H, T, hd) holding positions < pos (later rows get attention
-        weight exactly 0: k_cache's may hold anything, v_cache's must be finite, e.g. zeros) ->
-        (logits (B, V) predicting token pos, k, v (L, B, H, 1, hd) of position pos, for the caller to
-        write into cache[..., pos, :]).
+        with k_cache, v_cache (L, B, H, T, hd), or sequences of L (B, H, T, hd) (one per layer),
+        holding positions < pos (later rows get attention weight exactly 0: k_cache's may hold
+        anything, v_cache's must be finite, e.g. zeros) -> (logits (B, V) predicting token pos, k, v
+        (L, B, H, 1, hd) of position pos, for the caller to write into cache[..., pos, :]).
 
         Inference path (call in eval mode); `pos` is only used as a tensor, so that it exports."""
-        want = (self.n_layer, self.n_head, self.seq_len, self.head_dim)
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if cache.dim() != 5 or (cache.shape[0], *cache.shape[2:]) != want:
-                raise ValueError(f"{name} has shape {tuple(cache.shape)}; expected (L, B, H, T, hd) with "
-                                 f"(L, H, T, hd) = {want}: allocate it with GPT.cache_shape(B)")
+        k_layers, v_layers = list(k_cache), list(v_cache)  # a 5-D tensor's layers are views, not copies
+        want = (self.n_head, self.seq_len, self.head_dim)
+        for name, layers in (("k_cache", k_layers), ("v_cache", v_layers)):
+            if len(layers) != self.n_layer or any(c.dim() != 4 or tuple(c.shape[1:]) != want for c in layers):
+                got = [tuple(c.shape) for c in layers]
+                raise ValueError(f"{name} holds layers of shapes {got}; expected {self.n_layer} layers of (B, H, T, "
+                                 f"hd) with (H, T, hd) = {want}: allocate it with GPT.cache_shape(B)")
         earlier = torch.arange(self.seq_len, device=pos.device) < pos
         cos, sin = self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos)
         x = self.tok_embeddings(token)[:, None]
         keys, values = [], []
-        for layer, k_past, v_past in zip(self.layers, k_cache, v_cache):
+        for layer, k_past, v_past in zip(self.layers, k_layers, v_layers):
             x, k, v = layer(x, cos, sin, (k_past, v_past, earlier))
             keys.append(k)
             values.append(v)
