@@ -124,6 +124,16 @@ def test_resume_continues_bit_identically(tmp_path, photo_dir, ema_decay):
         assert torch.equal(a["ema"][key], b["ema"][key]), key
 
 
+def test_evaluation_resumed_after_the_last_step_reports_no_step_time(tmp_path, photo_dir):
+    from fullvq.metrics import steady_step_time
+
+    cfg = small_config(tmp_path, photo_dir, steps=2)
+    assert train(cfg)["step_time_s"] > 0
+    again = train(cfg, resume=True)  # trained already: only the final evaluation runs, no step is timed
+    assert again["step_time_s"] is None and again["usage_train"] is not None
+    assert steady_step_time([9.0, 1.0, 3.0]) == 2.0 and steady_step_time([]) is None
+
+
 def test_load_model_prefers_the_weight_ema(tmp_path, photo_dir):
     cfg = small_config(tmp_path, photo_dir, ema_decay=0.5)
     train(cfg)

@@ -22,6 +22,7 @@ from . import checkpoint, distributed
 from .codes import CodesDataset
 from .gpt_config import GPTConfig
 from .io import truncate_log
+from .metrics import steady_step_time
 from .models.gpt import GPT, token_loss
 from .schedule import lr_factor
 
@@ -167,10 +168,9 @@ def _final_metrics(cfg: GPTConfig, model: GPT, data: CodesDataset, d: distribute
     train_loss, train_accuracy = _loss_on(model, data, trained, cfg, d, autocast)
     if not d.main:
         return None
-    skip = min(len(step_times) - 1, max(1, len(step_times) // 10))  # leave out start-up steps
     metrics = {"preset": cfg.preset, "steps": cfg.steps, "params": model.num_params(),
                "train_loss": train_loss, "train_accuracy": train_accuracy,
                "heldout_loss": heldout_loss, "heldout_accuracy": heldout_accuracy, "heldout_rows": len(heldout),
-               "step_time_s": sum(step_times[skip:]) / max(1, len(step_times) - skip)}
+               "step_time_s": steady_step_time(step_times)}
     (Path(cfg.out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics

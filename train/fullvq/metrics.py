@@ -7,6 +7,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+def steady_step_time(step_times: list[float]) -> float | None:
+    """Mean seconds per step without the first tenth (start-up: allocation, warm caches); None when
+    no step was timed (a run resumed after its last step)."""
+    if not step_times:
+        return None
+    skip = min(len(step_times) - 1, max(1, len(step_times) // 10))
+    return sum(step_times[skip:]) / (len(step_times) - skip)
+
+
 class CodeCounter:
     """Exact code histogram (K,) of this rank; `across_ranks()` sums it over ranks."""
 

@@ -133,7 +133,7 @@ def write_report(plan: Plan, results: list[dict], command: str, machine: str) ->
             continue
         lines.append(f"| {r['quantizer']} | {r['codebook_size']} | {r['usage_train']:.1%} | {r['usage']:.1%} | "
                      f"{r['num_tokens']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {_fmt(r['lpips'], '.3f')} | "
-                     f"{_fmt(r['rfid'], '.1f')} | {r['step_time_s']:.3f} s ({r.get('threads', '?')} thr) |")
+                     f"{_fmt(r['rfid'], '.1f')} | {_fmt(r['step_time_s'], '.3f')}{' s' if r['step_time_s'] is not None else ''} ({r.get('threads', '?')} thr) |")
     (plan.out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(plan.out / "usage_vs_k.png", results, "usage_train", "codebook usage (fresh training crops)", percent=True)
     _plot(plan.out / "psnr_vs_k.png", results, "psnr", "held-out PSNR (dB)")

@@ -20,7 +20,7 @@ from .data import TrainCrops, heldout_tiles, load_sources, train_batches
 from .evaluation import evaluate_images, save_grid
 from .io import truncate_log
 from .losses.loss import ReconstructionLoss
-from .metrics import CodeCounter, psnr
+from .metrics import CodeCounter, psnr, steady_step_time
 from .models import build_model
 from .schedule import lr_factor
 
@@ -176,13 +176,12 @@ def _final_evaluation(cfg: Config, model, sources, d: distributed.Dist, step_tim
     usage_train = _usage_on_fresh_crops(cfg, model, TrainCrops(sources, cfg.image_size, cfg.seed + 1), d)
     if not d.main:
         return None
-    skip = min(len(step_times) - 1, max(1, len(step_times) // 10))  # leave out start-up steps
     metrics.update(
         quantizer=cfg.quantizer.name, codebook_size=cfg.quantizer.codebook_size, steps=cfg.steps,
         usage_train=usage_train[-1][2], num_tokens_train=usage_train[-1][1],
         usage_train_by_density=[{"tokens_per_code": t / cfg.quantizer.codebook_size, "num_tokens": t, "usage": u}
                                 for _, t, u in usage_train],
-        step_time_s=sum(step_times[skip:]) / max(1, len(step_times) - skip),
+        step_time_s=steady_step_time(step_times),
     )
     out = Path(cfg.out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
