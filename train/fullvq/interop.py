@@ -36,8 +36,9 @@ UNIT_NORM_TOL = 1e-3
 LLAMAGEN_NORM_GROUPS = 32
 LLAMAGEN_IMAGE_SIZE = 256
 
-# FVQ's ViT bridge (the paper's; DiT/timm names) -> fullvq's VQBridge, per block i; LayerNorms have no
-# weights. pos_embed, (1, tokens, width), is optional.
+# FVQ's ViT bridge (the paper's) -> fullvq's VQBridge, per block i; LayerNorms have no weights;
+# pos_embed, (1, tokens, width), is optional. The names are DiT's / timm's, which FVQ says its bridge
+# builds on: the source of FVQ's qbridge_ViT.py was not available to check them against.
 FVQ_BRIDGE_KEYS = {
     "x_embedder.proj": "patch_embed",
     "blocks.{i}.attn.qkv": "blocks.{i}.qkv",
