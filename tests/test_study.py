@@ -13,7 +13,7 @@ def test_quick_study_runs_and_resumes(tmp_path):
     out = tmp_path / "study"
     def args(steps=2):
         return [sys.executable, STUDY, "--quick", "--out", str(out), "--sizes", "64,96", "--quantizers", "vq,bridge",
-                "--steps", str(steps), "--metric-images", "8", "image_size=16", "batch_size=4", "eval_crops=4"]
+                "--steps", str(steps), "--metric-images", "8", "image_size=16", "batch_size=4"]
 
     first = subprocess.run(args(), capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -23,6 +23,9 @@ def test_quick_study_runs_and_resumes(tmp_path):
     for r in results[:3]:
         assert {"usage", "usage_train", "num_tokens", "psnr", "ssim", "lpips", "rfid", "step_time_s", "steps"} <= set(r)
         assert 0 < r["usage"] <= 1 and r["steps"] == 2 and r["rfid"] >= 0
+        curve, k = r["usage_train_by_density"], r["codebook_size"]
+        assert [(c["tokens_per_code"], c["num_tokens"]) for c in curve] == [(10, 10 * k), (50, 50 * k)]
+        assert r["usage_train"] == curve[0]["usage"] <= curve[1]["usage"]
         assert r["lpips"] is None and "smaller than LPIPS-alex" in r["unavailable"]["lpips"]  # 16 px tiles
     assert "not a perfect square" in results[3]["skipped"]  # K = 96 cannot be a bridge grid: recorded, not fatal
     table = (out / "results.md").read_text()
@@ -37,10 +40,19 @@ def test_quick_study_runs_and_resumes(tmp_path):
     again = subprocess.run(args(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and ckpt.stat().st_mtime_ns == stamp  # evaluated again, not retrained
     assert (out / "runs" / "vq-64" / "result.json").is_file()
+
+    result_file = out / "runs" / "bridge-64" / "result.json"
+    full = json.loads(result_file.read_text())
+    result_file.write_text(json.dumps(full | {"usage_train_by_density": full["usage_train_by_density"][:1]}))
     report = subprocess.run(args() + ["--sizes", "64,128", "--report-only"], capture_output=True, text=True,
                             timeout=900)
     assert report.returncode == 0 and not (out / "runs" / "vq-128").exists()  # nothing trained
+    assert len(json.loads(result_file.read_text())["usage_train_by_density"]) == 1  # nor measured
     table = (out / "results.md").read_text()
     assert "| vq | 64 | " in table and "| bridge | 128 | not run yet" in table
+    assert f"| bridge | 64 | {full['usage_train']:.1%} | n/a |" in table  # as if measured by an earlier version
+    again = subprocess.run(args(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "usage_train at 50 tokens per code" in again.stdout
+    assert json.loads(result_file.read_text()) == full  # the missing density measured again, the same
     other = subprocess.run(args(steps=3), capture_output=True, text=True, timeout=900)
     assert other.returncode != 0 and "use another --out" in other.stderr

@@ -6,10 +6,12 @@
 Trains every (quantizer, K) on the tiny preset with the same steps and seed (bridge: VQBridge XS
 with the largest patch of 8, 4, 2 that divides sqrt(K); 16 from 1024^2 codes on), evaluates each
 on the held-out split (usage and PSNR on every tile, LPIPS and rFID on 512 of them) and over fresh
-training crops (usage_train), and writes OUT/results.json, OUT/results.md and the plots
-OUT/usage_vs_k.png and OUT/psnr_vs_k.png. Finished runs are kept and not redone; an interrupted
-run resumes. --quick: K = 1024 and 4096, vq and bridge, 300 steps (minutes). --report-only: write
-the report from the runs finished so far (the others are listed as not run), training nothing.
+training crops (usage_train at 10 and 50 tokens per code; 10 only beyond 262,144 codes), and writes
+OUT/results.json, OUT/results.md and the plots OUT/usage_vs_k.png and OUT/psnr_vs_k.png.
+Finished runs are not retrained (one measured at fewer usage_train densities is measured again from
+its checkpoint); an interrupted run resumes. --quick: K = 1024 and 4096, vq and bridge, 300 steps
+(minutes). --report-only: write the report from the runs finished so far (the others are listed as
+not run), training and measuring nothing.
 key=value overrides apply to every run (e.g. batch_size=16).
 """
 
@@ -22,7 +24,7 @@ import sys
 from pathlib import Path
 
 from fullvq.config import QUANTIZERS
-from fullvq.study import Plan, StudyError, lc_unsupported, run_one, write_report
+from fullvq.study import Plan, StudyError, finished_result, lc_unsupported, run_one, write_report
 
 QUICK = {"sizes": "1024,4096", "quantizers": "vq,bridge", "steps": 300, "metric_images": 64}
 
@@ -57,17 +59,19 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for k in plan.sizes:
         for quantizer in plan.quantizers:
-            if args.report_only and not (plan.run_dir(quantizer, k) / "result.json").is_file():
-                reason = lc_unsupported(plan, k) if quantizer == "lc" else ""
-                results.append({"quantizer": quantizer, "codebook_size": k, "skipped": reason or "not run yet"})
-            else:
-                print(f"== {quantizer} K={k}", flush=True)
-                try:
-                    results.append(run_one(plan, quantizer, k))
-                except ValueError as e:  # e.g. a K the bridge cannot lay out: recorded, the study goes on
-                    results.append({"quantizer": quantizer, "codebook_size": k, "skipped": str(e)})
-                except StudyError as e:
-                    sys.exit(f"study.py: {e}")
+            try:
+                if args.report_only:
+                    result = finished_result(plan, quantizer, k) or {
+                        "quantizer": quantizer, "codebook_size": k,
+                        "skipped": (lc_unsupported(plan, k) if quantizer == "lc" else "") or "not run yet"}
+                else:
+                    print(f"== {quantizer} K={k}", flush=True)
+                    result = run_one(plan, quantizer, k)
+            except ValueError as e:  # e.g. a K the bridge cannot lay out: recorded, the study goes on
+                result = {"quantizer": quantizer, "codebook_size": k, "skipped": str(e)}
+            except StudyError as e:
+                sys.exit(f"study.py: {e}")
+            results.append(result)
             command = shlex.join(a for a in argv if a != "--report-only")  # the command that makes these runs
             write_report(plan, results, f"python train/study.py {command}".rstrip(), _machine())
     print((plan.out / "results.md").read_text())

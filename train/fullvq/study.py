@@ -2,8 +2,9 @@
 and seed, each trained by the trainer and evaluated by the evaluator on the held-out split.
 
 Runs live in OUT/runs/<quantizer>-<K>/ (ckpt.pt, metrics.json, result.json); a run with a
-result.json is never redone, and an interrupted one resumes from its checkpoint. VQGAN-LC's
-feature codebooks are built once per K into OUT/lc/.
+result.json is never retrained, and an interrupted one resumes from its checkpoint. A finished run
+measured at fewer usage densities than the plan asks for is measured again from its checkpoint
+(usage only). VQGAN-LC's feature codebooks are built once per K into OUT/lc/.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import Config, apply_override, preset
 from .data import heldout_tiles, load_sources
 from .evaluation import evaluate_images
-from .trainer import train
+from .trainer import MIN_TOKENS_PER_CODE, tokens_per_crop, train, usage_marks, usage_on_fresh_crops
 
-RESULT_KEYS = ("quantizer", "codebook_size", "usage", "usage_train", "num_tokens", "num_tokens_train", "psnr",
-               "psnr_y", "ssim", "lpips", "rfid", "step_time_s", "steps")
+RESULT_KEYS = ("quantizer", "codebook_size", "usage", "num_tokens", "psnr", "psnr_y", "ssim", "lpips", "rfid",
+               "step_time_s", "steps")
 LC_MAX_KMEANS_FLOP = 5e13  # k-means beyond this is left to a GPU (about 10 minutes on 2 CPU cores)
+# usage_train's second density is asked for up to this K: FVQ's own count there is 49 tokens per code
+# (12.8M ImageNet-val tokens over 262,144 codes); 50 per code at 1M codes would be 52M lookups, hours on a CPU
+DENSE_USAGE_MAX_K = 262_144
 
 
 class StudyError(RuntimeError):
@@ -39,16 +43,20 @@ class Plan:
     data: str = ""
     overrides: list[str] = field(default_factory=list)
     metric_images: int = 512        # held-out tiles that LPIPS and rFID see (usage and PSNR see all)
-    eval_tokens_per_code: int = 10
+    eval_tokens_per_code: int = 50  # usage_train's second density (the first is 10 tokens per code)
 
     def run_dir(self, quantizer: str, k: int) -> Path:
         return self.out / "runs" / f"{quantizer}-{k}"
+
+    def tokens_per_code(self, k: int) -> int:
+        """The densest usage_train this plan measures at K."""
+        return self.eval_tokens_per_code if k <= DENSE_USAGE_MAX_K else MIN_TOKENS_PER_CODE
 
 
 def run_config(plan: Plan, quantizer: str, k: int) -> Config:
     cfg = preset("tiny")
     cfg.quantizer.name, cfg.quantizer.codebook_size, cfg.steps = quantizer, k, plan.steps
-    cfg.data, cfg.out, cfg.eval_tokens_per_code = plan.data, str(plan.run_dir(quantizer, k)), plan.eval_tokens_per_code
+    cfg.data, cfg.out, cfg.eval_tokens_per_code = plan.data, str(plan.run_dir(quantizer, k)), plan.tokens_per_code(k)
     if quantizer == "bridge":
         cfg.quantizer.bridge = bridge_for(k)
     for assignment in plan.overrides:
@@ -86,16 +94,23 @@ def lc_unsupported(plan: Plan, k: int) -> str:
     return f"k-means of {k} centres over {4 * k} features ({flop:.0e} FLOP) needs a GPU"
 
 
-def run_one(plan: Plan, quantizer: str, k: int) -> dict:
-    """The run's result (trained and evaluated now, or read back)."""
+def finished_result(plan: Plan, quantizer: str, k: int) -> dict | None:
+    """The run's result.json as it stands (None when the run has not finished)."""
     folder = plan.run_dir(quantizer, k)
-    result_file = folder / "result.json"
-    if result_file.is_file():
-        result = json.loads(result_file.read_text())
-        if result["steps"] != plan.steps:
-            raise StudyError(f"{folder} holds a finished {result['steps']}-step run, this study asks for {plan.steps} "
-                             f"steps: use another --out (runs of different budgets are not comparable)")
-        return result
+    if not (folder / "result.json").is_file():
+        return None
+    result = json.loads((folder / "result.json").read_text())
+    if result["steps"] != plan.steps:
+        raise StudyError(f"{folder} holds a finished {result['steps']}-step run, this study asks for {plan.steps} "
+                         f"steps: use another --out (runs of different budgets are not comparable)")
+    return result
+
+
+def run_one(plan: Plan, quantizer: str, k: int) -> dict:
+    """The run's result (trained and evaluated now, or read back and completed)."""
+    folder = plan.run_dir(quantizer, k)
+    if (result := finished_result(plan, quantizer, k)) is not None:
+        return _with_usage_densities(plan, result, folder)
     if quantizer == "lc" and (reason := lc_unsupported(plan, k)):
         return {"quantizer": quantizer, "codebook_size": k, "skipped": reason}
     cfg = run_config(plan, quantizer, k)
@@ -110,11 +125,39 @@ def run_one(plan: Plan, quantizer: str, k: int) -> dict:
     tiles = heldout_tiles(load_sources(cfg.data), cfg.image_size)
     subset = tiles[torch.randperm(len(tiles), generator=torch.Generator().manual_seed(0))[:plan.metric_images]]
     perceptual = evaluate_images(model, subset, cfg.batch_size, device).result()
-    result = {key: metrics.get(key) for key in RESULT_KEYS}
+    result = {key: metrics.get(key) for key in RESULT_KEYS} | _usage_fields(metrics["usage_train_by_density"])
     result.update(lpips=perceptual["lpips"], rfid=perceptual["rfid"], metric_images=len(subset),
                   bridge=cfg.quantizer.bridge if quantizer == "bridge" else None, unavailable=perceptual["unavailable"],
                   threads=torch.get_num_threads())  # step_time_s depends on it (runs may go two at a time)
-    result_file.write_text(json.dumps(result, indent=1))
+    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _usage_fields(curve: list[dict]) -> dict:
+    """usage_train at 10 tokens per code (the sparsest count, the one every K has) and the whole curve."""
+    return {"usage_train": curve[0]["usage"], "num_tokens_train": curve[0]["num_tokens"],
+            "usage_train_by_density": curve}
+
+
+def _with_usage_densities(plan: Plan, result: dict, folder: Path) -> dict:
+    """A finished run's result, with usage_train measured again from its checkpoint (nothing else
+    redone) when it lacks a density the plan asks for. A run whose checkpoint is gone keeps its own."""
+    curve = result.get("usage_train_by_density") or json.loads((folder / "metrics.json").read_text())[
+        "usage_train_by_density"]
+    ckpt = folder / "ckpt.pt"
+    if ckpt.is_file():
+        state = checkpoint.load(ckpt)
+        cfg = Config.from_dict(state["config"])
+        cfg.eval_tokens_per_code = plan.tokens_per_code(result["codebook_size"])
+        if {m * tokens_per_crop(cfg) for m in usage_marks(cfg)} - {c["num_tokens"] for c in curve}:
+            print(f"   usage_train at {cfg.eval_tokens_per_code} tokens per code, from {ckpt}", flush=True)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            model = checkpoint.model_from_state(state)[0].to(device)
+            curve = usage_on_fresh_crops(cfg, model, load_sources(cfg.data), distributed.Dist(device=device))
+    if curve == result.get("usage_train_by_density"):
+        return result
+    result = result | _usage_fields(curve)
+    (folder / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -123,20 +166,28 @@ def write_report(plan: Plan, results: list[dict], command: str, machine: str) ->
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "results.json").write_text(json.dumps(results, indent=1))
     lines = [f"Command: `{command}`  ", f"Machine: {machine}", "",
-             f"| quantizer | K | usage_train ({plan.eval_tokens_per_code} tokens/code) | held-out usage | "
-             f"tokens (held-out) | PSNR | SSIM | LPIPS ({plan.metric_images} tiles) | rFID ({plan.metric_images} tiles) "
-             f"| step |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| quantizer | K | usage_train ({MIN_TOKENS_PER_CODE} tokens/code) | usage_train "
+             f"({plan.eval_tokens_per_code} tokens/code) | held-out usage | tokens (held-out) | PSNR | SSIM | "
+             f"LPIPS ({plan.metric_images} tiles) | rFID ({plan.metric_images} tiles) | step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['quantizer']} | {r['codebook_size']} | {r['skipped']} ||||||||")
+            lines.append(f"| {r['quantizer']} | {r['codebook_size']} | {r['skipped']} |||||||||")
             continue
-        lines.append(f"| {r['quantizer']} | {r['codebook_size']} | {r['usage_train']:.1%} | {r['usage']:.1%} | "
+        dense = usage_at(r, plan.eval_tokens_per_code)
+        lines.append(f"| {r['quantizer']} | {r['codebook_size']} | {r['usage_train']:.1%} | {_fmt(dense, '.1%')} | "
+                     f"{r['usage']:.1%} | "
                      f"{r['num_tokens']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {_fmt(r['lpips'], '.3f')} | "
                      f"{_fmt(r['rfid'], '.1f')} | {_fmt(r['step_time_s'], '.3f')}{' s' if r['step_time_s'] is not None else ''} ({r.get('threads', '?')} thr) |")
     (plan.out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(plan.out / "usage_vs_k.png", results, "usage_train", "codebook usage (fresh training crops)", percent=True)
     _plot(plan.out / "psnr_vs_k.png", results, "psnr", "held-out PSNR (dB)")
+
+
+def usage_at(result: dict, tokens_per_code: int) -> float | None:
+    """The run's usage_train at this many tokens per code (None when it was not measured there)."""
+    return next((c["usage"] for c in result.get("usage_train_by_density", [])
+                 if round(c["tokens_per_code"]) == tokens_per_code), None)
 
 
 def _fmt(value, spec: str) -> str:

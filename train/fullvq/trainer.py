@@ -136,23 +136,37 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
     return _final_evaluation(cfg, model if ema is None else ema.module, sources, d, step_times)
 
 
-def _usage_on_fresh_crops(cfg: Config, model, fresh: TrainCrops, d: distributed.Dist) -> list[tuple]:
-    """[(crops, tokens, usage)] over the first N fresh training crops, for N at 10 tokens per code and
-    at cfg.eval_tokens_per_code (or N = cfg.eval_crops), counted across ranks (crop i on rank i % world)."""
-    k = cfg.quantizer.codebook_size
-    per_crop = (cfg.image_size // 2 ** (len(cfg.model.ch_mult) - 1)) ** 2
-    marks = ([cfg.eval_crops] if cfg.eval_crops else
-             sorted({math.ceil(t * k / per_crop) for t in (MIN_TOKENS_PER_CODE, cfg.eval_tokens_per_code)}))
+def usage_marks(cfg: Config) -> list[int]:
+    """How many fresh crops usage_train counts at: 10 tokens per code and cfg.eval_tokens_per_code
+    (or cfg.eval_crops alone when set), ascending."""
+    if cfg.eval_crops:
+        return [cfg.eval_crops]
+    k, per_crop = cfg.quantizer.codebook_size, tokens_per_crop(cfg)
+    return sorted({math.ceil(t * k / per_crop) for t in (MIN_TOKENS_PER_CODE, cfg.eval_tokens_per_code)})
+
+
+def usage_on_fresh_crops(cfg: Config, model, sources, d: distributed.Dist) -> list[dict]:
+    """usage_train: the share of codes hit by the first N fresh crops of the training images (a seed
+    training never used), at each of usage_marks(cfg), counted across ranks (crop i on rank i % world).
+    -> [{"tokens_per_code", "num_tokens", "usage"}], densest last."""
+    k, per_crop = cfg.quantizer.codebook_size, tokens_per_crop(cfg)
+    fresh = TrainCrops(sources, cfg.image_size, cfg.seed + 1)
     counter, done, curve = CodeCounter(k, d.device), 0, []
     with torch.no_grad():
-        for mark in marks:
+        for mark in usage_marks(cfg):
             mine = range(done + (d.rank - done) % d.world, mark, d.world)
             for start in range(0, len(mine), cfg.batch_size):
                 x = torch.stack([fresh[i] for i in mine[start:start + cfg.batch_size]]).to(d.device)
                 counter.add(model.encode(x).indices)
             done = mark
-            curve.append((mark, mark * per_crop, counter.across_ranks().usage))
+            curve.append({"tokens_per_code": mark * per_crop / k, "num_tokens": mark * per_crop,
+                          "usage": counter.across_ranks().usage})
     return curve
+
+
+def tokens_per_crop(cfg: Config) -> int:
+    """Tokens one training crop encodes to."""
+    return (cfg.image_size // 2 ** (len(cfg.model.ch_mult) - 1)) ** 2
 
 
 def _state(cfg, model, ema, optimizer, criterion, disc_optimizer, step) -> dict:
@@ -173,15 +187,13 @@ def _final_evaluation(cfg: Config, model, sources, d: distributed.Dist, step_tim
     heldout = heldout_tiles(sources, cfg.image_size)
     cheap = {"lpips_net": "", "fid": False}  # LPIPS and rFID: train/evaluate.py
     metrics = evaluate_images(model, heldout[d.rank::d.world], cfg.batch_size, d.device, **cheap).result()
-    usage_train = _usage_on_fresh_crops(cfg, model, TrainCrops(sources, cfg.image_size, cfg.seed + 1), d)
+    usage_train = usage_on_fresh_crops(cfg, model, sources, d)
     if not d.main:
         return None
     metrics.update(
         quantizer=cfg.quantizer.name, codebook_size=cfg.quantizer.codebook_size, steps=cfg.steps,
-        usage_train=usage_train[-1][2], num_tokens_train=usage_train[-1][1],
-        usage_train_by_density=[{"tokens_per_code": t / cfg.quantizer.codebook_size, "num_tokens": t, "usage": u}
-                                for _, t, u in usage_train],
-        step_time_s=steady_step_time(step_times),
+        usage_train=usage_train[-1]["usage"], num_tokens_train=usage_train[-1]["num_tokens"],
+        usage_train_by_density=usage_train, step_time_s=steady_step_time(step_times),
     )
     out = Path(cfg.out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
