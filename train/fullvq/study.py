@@ -180,7 +180,8 @@ def write_report(plan: Plan, results: list[dict], command: str, machine: str) ->
                      f"{r['num_tokens']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {_fmt(r['lpips'], '.3f')} | "
                      f"{_fmt(r['rfid'], '.1f')} | {_fmt(r['step_time_s'], '.3f')}{' s' if r['step_time_s'] is not None else ''} ({r.get('threads', '?')} thr) |")
     (plan.out / "results.md").write_text("\n".join(lines) + "\n")
-    _plot(plan.out / "usage_vs_k.png", results, "usage_train", "codebook usage (fresh training crops)", percent=True)
+    _plot(plan.out / "usage_vs_k.png", results, "usage_train",
+          f"codebook usage ({MIN_TOKENS_PER_CODE} tokens per code, fresh training crops)", percent=True)
     _plot(plan.out / "psnr_vs_k.png", results, "psnr", "held-out PSNR (dB)")
 
 
