@@ -144,8 +144,9 @@ def _with_usage_densities(plan: Plan, result: dict, folder: Path) -> dict:
     redone) when it lacks a density the plan asks for. A run whose checkpoint is gone keeps its own."""
     curve = result.get("usage_train_by_density") or json.loads((folder / "metrics.json").read_text())[
         "usage_train_by_density"]
+    wanted = {MIN_TOKENS_PER_CODE, plan.tokens_per_code(result["codebook_size"])}
     ckpt = folder / "ckpt.pt"
-    if ckpt.is_file():
+    if ckpt.is_file() and any(usage_at(curve, t) is None for t in wanted):  # the checkpoint's config decides (eval_crops), read only when needed
         state = checkpoint.load(ckpt)
         cfg = Config.from_dict(state["config"])
         cfg.eval_tokens_per_code = plan.tokens_per_code(result["codebook_size"])
@@ -174,7 +175,7 @@ def write_report(plan: Plan, results: list[dict], command: str, machine: str) ->
         if "skipped" in r:
             lines.append(f"| {r['quantizer']} | {r['codebook_size']} | {r['skipped']} |||||||||")
             continue
-        dense = usage_at(r, plan.eval_tokens_per_code)
+        dense = usage_at(r.get("usage_train_by_density", []), plan.eval_tokens_per_code)
         lines.append(f"| {r['quantizer']} | {r['codebook_size']} | {r['usage_train']:.1%} | {_fmt(dense, '.1%')} | "
                      f"{r['usage']:.1%} | "
                      f"{r['num_tokens']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {_fmt(r['lpips'], '.3f')} | "
@@ -185,10 +186,9 @@ def write_report(plan: Plan, results: list[dict], command: str, machine: str) ->
     _plot(plan.out / "psnr_vs_k.png", results, "psnr", "held-out PSNR (dB)")
 
 
-def usage_at(result: dict, tokens_per_code: int) -> float | None:
-    """The run's usage_train at this many tokens per code (None when it was not measured there)."""
-    return next((c["usage"] for c in result.get("usage_train_by_density", [])
-                 if round(c["tokens_per_code"]) == tokens_per_code), None)
+def usage_at(curve: list[dict], tokens_per_code: int) -> float | None:
+    """usage_train at this many tokens per code from a usage_train_by_density curve (None when not measured)."""
+    return next((c["usage"] for c in curve if round(c["tokens_per_code"]) == tokens_per_code), None)
 
 
 def _fmt(value, spec: str) -> str:
