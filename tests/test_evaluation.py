@@ -226,6 +226,13 @@ def test_evaluate_under_torchrun_gathers_ranks(tiny_checkpoint, messy_folder, tm
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = json.loads(single.read_text()), json.loads((tmp_path / "two.json").read_text())
-    for key in ("num_images", "num_tokens", "usage", "skipped_unreadable", "skipped_too_small"):
+    for key in ("num_images", "num_tokens", "skipped_unreadable", "skipped_too_small"):
         assert one[key] == two[key], key
-    assert two["psnr"] == pytest.approx(one["psnr"], rel=1e-6)
+    # The ranks run one thread each, the single process two: float32 convolutions sum in another order
+    # (and AVX2 and AVX-512 machines differ again), so reconstructions differ by float rounding. That
+    # moves an 8-bit pixel only where it sits on a rounding edge (one level in 1/255, a few pixels here),
+    # changing the mean PSNR by well under 0.01 dB, and can flip a latent that is a float tie between
+    # two codes, changing the distinct count by a code or two. Leaving out a rank's images would change
+    # the token count, which is compared exactly.
+    assert two["psnr"] == pytest.approx(one["psnr"], abs=0.01)
+    assert two["usage"] == pytest.approx(one["usage"], abs=2 / 256)
