@@ -7,7 +7,7 @@ from fullvq.config import QuantizerConfig
 from fullvq.lookup import chunked_argmin, nearest_codes
 from fullvq.metrics import CodeCounter
 from fullvq.quantizers import QuantOut, VQBridge, build_quantizer
-from fullvq.quantizers.bridge import check_grid, parse_bridge
+from fullvq.quantizers.bridge import check_grid, fvq_bridge_for, legacy_bridge_name, parse_bridge
 
 NAMES = ["vq", "ema", "fc", "simvq", "bridge", "lc"]
 
@@ -73,10 +73,34 @@ def test_frozen_codebooks_get_no_gradient(name, lc_file):
 
 
 def test_bridge_outputs_zeros_at_initialisation():
-    bridge = VQBridge(1024, 8, *parse_bridge("S/8"), head_init_std=0.0)  # the paper's initialisation
+    bridge = VQBridge(1024, 8, *parse_bridge("S/8"), head_init_std=0.0)  # FVQ's exact zero head
     assert torch.equal(bridge(torch.randn(1024, 8)), torch.zeros(1024, 8))
     codes = VQBridge(1024, 8, *parse_bridge("XS/4"), head_init_std=1e-3)(torch.randn(1024, 8))  # fullvq's default
     assert codes.abs().max() < 0.05 and len(torch.unique(codes, dim=0)) == 1024
+
+
+def test_fvq_initialisation():
+    """FVQ's: raw codes uniform in +-1/K (vq_model_qbridge_release.py), every linear layer and the
+    patch embedding (as a linear map of the flattened patch) xavier-uniform with zero bias, the head
+    as bridge_head_init_std says (0: exactly zero)."""
+    torch.manual_seed(0)
+    q = build_quantizer(QuantizerConfig(name="bridge", codebook_size=4096, codebook_dim=8, bridge="L/8",
+                                        bridge_init="fvq", bridge_head_init_std=0.0))
+    assert q.raw.abs().max() <= 1 / 4096 and q.raw.abs().max() > 0.9 / 4096 and q.raw.std() > 0.5 / 4096 / 3**0.5
+    b = q.bridge
+    layers = {"patch_embed": b.patch_embed, "qkv": b.blocks[0].qkv, "fc1": b.blocks[1].mlp[0]}
+    for name, layer in layers.items():
+        fan_out, fan_in = layer.weight.shape[0], layer.weight[0].numel()
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.95 * bound, name
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias)), name
+    assert torch.equal(b.head.weight, torch.zeros_like(b.head.weight)) and not b.head.bias.any()
+    fullvq = build_quantizer(QuantizerConfig(name="bridge", codebook_size=4096, codebook_dim=8, bridge="L/8"))
+    assert float(fullvq.raw.detach().std()) == pytest.approx(1, abs=0.05) and fullvq.bridge.blocks[0].qkv.bias.abs().max() > 0
+    assert float(fullvq.bridge.head.weight.detach().std()) == pytest.approx(1e-3, rel=0.05)
+    with pytest.raises(ValueError, match="unknown bridge initialisation 'xavier'.*'fullvq', 'fvq'"):
+        build_quantizer(QuantizerConfig(name="bridge", codebook_size=256, codebook_dim=8, bridge="XS/4",
+                                        bridge_init="xavier"))
 
 
 def test_bridge_keeps_codes_in_their_grid_patch():
@@ -105,10 +129,34 @@ def test_invalid_bridge_codebook_sizes(k, patch, message):
         check_grid(k, patch)
 
 
-def test_bridge_names():
-    assert parse_bridge("s/4") == (256, 2, 4, 4) and parse_bridge("XL/16")[3] == 16
-    with pytest.raises(ValueError, match="unknown bridge 'M/4'"):
-        parse_bridge("M/4")
+def test_bridge_names_are_fvqs():
+    """qbridge_ViT.py: XS..XL = 4 heads of 8..128 channels, depth 2 (-d1, -d4), MLP ratio 2, patch 2/4/8."""
+    assert parse_bridge("L/8") == (256, 2, 4, 8)
+    assert parse_bridge("QBridge-L/4") == parse_bridge("l/4") == (256, 2, 4, 4)
+    assert parse_bridge("XS/2") == (32, 2, 4, 2) and parse_bridge("XL/4-d4") == (512, 4, 4, 4)
+    assert parse_bridge("Qbridge-S/4-d4") == (64, 4, 4, 4) and parse_bridge("B/4-d1") == (128, 1, 4, 4)
+    assert VQBridge(4096, 8, *parse_bridge("L/8")).blocks[0].mlp[0].out_features == 512
+    assert parse_bridge("W128-H2-D2/16") == (128, 2, 2, 16)
+    for bad in ("M/4", "L/16", "L/8-d3", "W100-H3-D2/8", "XS", "auto"):
+        with pytest.raises(ValueError, match=f"unknown bridge '{bad}'.*FVQ's names.*W<width>-H<heads>-D<depth>"):
+            parse_bridge(bad)
+
+
+def test_bridge_layer_norms_are_fvqs():
+    bridge = VQBridge(1024, 8, *parse_bridge("B/4"))
+    norms = [m for m in bridge.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 5 and all(m.eps == 1e-6 and not m.elementwise_affine for m in norms)
+
+
+def test_auto_bridge_is_fvqs_choice_for_k():
+    assert fvq_bridge_for(16384) == "L/4" and fvq_bridge_for(65536) == fvq_bridge_for(262144) == "L/8"
+    q = build_quantizer(QuantizerConfig(name="bridge", codebook_size=1024, codebook_dim=8, bridge="auto"))
+    assert q.bridge.patch == 4 and q.bridge.patch_embed.out_channels == 256
+
+
+def test_legacy_names_spell_out_fullvq_01_sizes():
+    assert legacy_bridge_name("XS/8") == "W128-H2-D2/8" and legacy_bridge_name("L/16") == "W768-H12-D6/16"
+    assert legacy_bridge_name("W128-H4-D2/16") == "W128-H4-D2/16"
 
 
 def test_ema_codebook_moves_towards_assigned_latents():

@@ -29,7 +29,7 @@ def test_quick_study_runs_and_resumes(tmp_path):
         assert r["lpips"] is None and "smaller than LPIPS-alex" in r["unavailable"]["lpips"]  # 16 px tiles
     assert "not a perfect square" in results[3]["skipped"]  # K = 96 cannot be a bridge grid: recorded, not fatal
     table = (out / "results.md").read_text()
-    assert "| bridge | 64 |" in table and "python train/study.py --quick" in table
+    assert "| bridge B/8 | 64 |" in table and "python train/study.py --quick" in table
     assert (out / "usage_vs_k.png").is_file() and (out / "psnr_vs_k.png").is_file()
 
     ckpt = out / "runs" / "vq-64" / "ckpt.pt"
@@ -50,9 +50,12 @@ def test_quick_study_runs_and_resumes(tmp_path):
     assert len(json.loads(result_file.read_text())["usage_train_by_density"]) == 1  # nor measured
     table = (out / "results.md").read_text()
     assert "| vq | 64 | " in table and "| bridge | 128 | not run yet" in table
-    assert f"| bridge | 64 | {full['usage_train']:.1%} | n/a |" in table  # as if measured by an earlier version
+    assert f"| bridge B/8 | 64 | {full['usage_train']:.1%} | n/a |" in table  # as if measured by an earlier version
     again = subprocess.run(args(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "usage_train at 50 tokens per code" in again.stdout
     assert json.loads(result_file.read_text()) == full  # the missing density measured again, the same
     other = subprocess.run(args(steps=3), capture_output=True, text=True, timeout=900)
     assert other.returncode != 0 and "use another --out" in other.stderr
+    result_file.write_text(json.dumps(full | {"bridge": "W128-H2-D2/8"}))  # a run of another bridge
+    other = subprocess.run(args(), capture_output=True, text=True, timeout=900)
+    assert other.returncode != 0 and "holds a finished run of the bridge W128-H2-D2/8, this study trains B/8" in other.stderr

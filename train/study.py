@@ -3,8 +3,8 @@
     python train/study.py [--out docs/study] [--sizes 1024,16384,65536,262144]
         [--quantizers vq,ema,fc,lc,simvq,bridge] [--steps N] [--data DIR] [--quick] [key=value ...]
 
-Trains every (quantizer, K) on the tiny preset with the same steps and seed (bridge: VQBridge XS
-with the largest patch of 8, 4, 2 that divides sqrt(K); 16 from 1024^2 codes on), evaluates each
+Trains every (quantizer, K) on the tiny preset with the same steps and seed (bridge: FVQ's B/8, or B
+with the largest patch of 4, 2 that divides sqrt(K); W128-H4-D2/16 from 1024^2 codes), evaluates each
 on the held-out split (usage and PSNR on every tile, LPIPS and rFID on 512 of them) and over fresh
 training crops (usage_train at 10 and 50 tokens per code; 10 only beyond 262,144 codes), and writes
 OUT/results.json, OUT/results.md and the plots OUT/usage_vs_k.png and OUT/psnr_vs_k.png.

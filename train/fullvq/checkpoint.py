@@ -3,6 +3,10 @@
 Written atomically (temporary file + rename), read with torch.load(weights_only=True), and
 enough on its own to rebuild the model: a tokenizer (train/fvq.py) with `load_model`, a generator
 (train/gpt.py, marked "kind": "gpt") with `load_gpt`.
+
+Version 2 names bridges as FVQ does. A version-1 tokenizer checkpoint (fullvq 0.1, whose XS..XL
+were its own sizes with LayerNorm eps 1e-5) is read with its bridge spelled out ("XS/8" becomes
+"W128-H2-D2/8", eps 1e-5), so it rebuilds the network it was trained as.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import torch
 from .config import Config
 from .gpt_config import GPTConfig
 from .io import atomic_save
+from .quantizers.bridge import LEGACY_LN_EPS, legacy_bridge_name
 
 FORMAT = "fullvq-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 GPT_KIND = "gpt"
 
 
@@ -37,10 +43,21 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a fullvq checkpoint: for published LlamaGen or FVQ weights, pass "
                          f"--from llamagen or --from fvq (or convert them once with train/convert.py)")
-    if state.get("version") != VERSION:
+    if state.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{str(path)!r} is a version {state.get('version')} fullvq checkpoint; this fullvq "
-                         f"reads version {VERSION}: use the fullvq release that wrote it")
+                         f"reads versions {list(READABLE_VERSIONS)}: use the fullvq release that wrote it")
+    if state["version"] == 1 and state.get("kind") != GPT_KIND:
+        state["config"] = upgrade_v1_config(state["config"])
     return state
+
+
+def upgrade_v1_config(config: dict) -> dict:
+    """A version-1 tokenizer config with its bridge as it was trained: fullvq 0.1's size names spelled
+    out, LayerNorm eps 1e-5."""
+    quantizer = dict(config["quantizer"])
+    quantizer["bridge"] = legacy_bridge_name(quantizer["bridge"])
+    quantizer["bridge_ln_eps"] = LEGACY_LN_EPS
+    return {**config, "quantizer": quantizer}
 
 
 def state_of(ckpt: str | Path | dict) -> dict:

@@ -20,6 +20,7 @@ from . import checkpoint, distributed
 from .config import Config, apply_override, preset
 from .data import heldout_tiles, load_sources
 from .evaluation import evaluate_images
+from .quantizers.bridge import resolve_bridge
 from .trainer import MIN_TOKENS_PER_CODE, tokens_per_crop, train, usage_marks, usage_on_fresh_crops
 
 RESULT_KEYS = ("quantizer", "codebook_size", "usage", "num_tokens", "psnr", "psnr_y", "ssim", "lpips", "rfid",
@@ -61,17 +62,21 @@ def run_config(plan: Plan, quantizer: str, k: int) -> Config:
         cfg.quantizer.bridge = bridge_for(k)
     for assignment in plan.overrides:
         apply_override(cfg, assignment)
+    if quantizer == "bridge":
+        cfg.quantizer.bridge = resolve_bridge(cfg.quantizer.bridge, k)
     if quantizer == "lc":
         cfg.quantizer.lc_codebook = str(lc_codebook(plan, k, cfg.data))
     return cfg
 
 
 def bridge_for(k: int) -> str:
-    """XS with patch 8, or the largest patch that divides the grid's side (16 from 1024^2 codes);
-    a K the bridge cannot lay out gets XS/8, whose check then explains why."""
+    """FVQ's B/8 (128 wide, the tiny preset's), or B with the largest patch of 4, 2 that divides the
+    grid's side; from 1024^2 codes W128-H4-D2/16, B's shape with a patch FVQ does not name (B/8 would
+    attend over 16,384 tokens). A K the bridge cannot lay out gets B/8, whose check then explains why."""
     side = math.isqrt(k)
-    patch = 16 if side >= 1024 else next((p for p in (8, 4, 2) if side * side == k and side % p == 0), 8)
-    return f"XS/{patch}"
+    if side >= 1024:
+        return "W128-H4-D2/16"
+    return f"B/{next((p for p in (8, 4, 2) if side * side == k and side % p == 0), 8)}"
 
 
 def lc_codebook(plan: Plan, k: int, data: str) -> Path:
@@ -99,17 +104,34 @@ def finished_result(plan: Plan, quantizer: str, k: int) -> dict | None:
     folder = plan.run_dir(quantizer, k)
     if not (folder / "result.json").is_file():
         return None
-    result = json.loads((folder / "result.json").read_text())
+    return json.loads((folder / "result.json").read_text())
+
+
+def check_comparable(plan: Plan, result: dict) -> None:
+    """StudyError unless a finished run is the one this plan would train (budget, bridge)."""
+    folder = plan.run_dir(result["quantizer"], result["codebook_size"])
     if result["steps"] != plan.steps:
         raise StudyError(f"{folder} holds a finished {result['steps']}-step run, this study asks for {plan.steps} "
                          f"steps: use another --out (runs of different budgets are not comparable)")
-    return result
+    if result["quantizer"] == "bridge" and result.get("bridge") != (want := planned_bridge(plan, result["codebook_size"])):
+        raise StudyError(f"{folder} holds a finished run of the bridge {result.get('bridge')}, this study trains "
+                         f"{want}: use another --out, or move that folder away to train it anew")
+
+
+def planned_bridge(plan: Plan, k: int) -> str:
+    """The bridge this plan trains at K (bridge_for, unless an override names another)."""
+    cfg = preset("tiny")
+    cfg.quantizer.bridge = bridge_for(k)
+    for assignment in plan.overrides:
+        apply_override(cfg, assignment)
+    return resolve_bridge(cfg.quantizer.bridge, k)
 
 
 def run_one(plan: Plan, quantizer: str, k: int) -> dict:
     """The run's result (trained and evaluated now, or read back and completed)."""
     folder = plan.run_dir(quantizer, k)
     if (result := finished_result(plan, quantizer, k)) is not None:
+        check_comparable(plan, result)
         return _with_usage_densities(plan, result, folder)
     if quantizer == "lc" and (reason := lc_unsupported(plan, k)):
         return {"quantizer": quantizer, "codebook_size": k, "skipped": reason}
@@ -176,7 +198,7 @@ def write_report(plan: Plan, results: list[dict], command: str, machine: str) ->
             lines.append(f"| {r['quantizer']} | {r['codebook_size']} | {r['skipped']} |||||||||")
             continue
         dense = usage_at(r.get("usage_train_by_density", []), plan.eval_tokens_per_code)
-        lines.append(f"| {r['quantizer']} | {r['codebook_size']} | {r['usage_train']:.1%} | {_fmt(dense, '.1%')} | "
+        lines.append(f"| {_label(r)} | {r['codebook_size']} | {r['usage_train']:.1%} | {_fmt(dense, '.1%')} | "
                      f"{r['usage']:.1%} | "
                      f"{r['num_tokens']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {_fmt(r['lpips'], '.3f')} | "
                      f"{_fmt(r['rfid'], '.1f')} | {_fmt(r['step_time_s'], '.3f')}{' s' if r['step_time_s'] is not None else ''} ({r.get('threads', '?')} thr) |")
@@ -184,6 +206,11 @@ def write_report(plan: Plan, results: list[dict], command: str, machine: str) ->
     _plot(plan.out / "usage_vs_k.png", results, "usage_train",
           f"codebook usage ({MIN_TOKENS_PER_CODE} tokens per code, fresh training crops)", percent=True)
     _plot(plan.out / "psnr_vs_k.png", results, "psnr", "held-out PSNR (dB)")
+
+
+def _label(result: dict) -> str:
+    """"bridge B/8": the quantizer, and the bridge each bridge run used."""
+    return f"{result['quantizer']} {result['bridge']}" if result.get("bridge") else result["quantizer"]
 
 
 def usage_at(curve: list[dict], tokens_per_code: int) -> float | None:

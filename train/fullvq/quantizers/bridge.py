@@ -2,22 +2,32 @@
 
 The raw codebook (K, D) is laid out as a sqrt(K) x sqrt(K) grid of D channels (code k at row
 k // side, column k % side), patchified by a conv with kernel = stride = p, run through pre-LN ViT
-blocks (LayerNorm without affine, GELU-tanh MLP of ratio 2, no positional embedding), normalised,
-projected by a linear layer that starts at (near) zero, and un-patchified back to (K, D). The
-output replaces the codebook, and every raw code receives a dense gradient through the shared
-weights.
+blocks (LayerNorm without affine, eps 1e-6; timm attention with qkv bias; GELU-tanh MLP), normalised,
+projected by a linear layer and un-patchified back to (K, D). The output replaces the codebook, and
+every raw code receives a dense gradient through the shared weights. This is the forward pass of
+FVQ's `tokenizer/tokenizer_image/qbridge_ViT.py` (VQBridge), operation for operation.
 
-head_init_std: the paper starts the last linear layer at exactly zero (head_init_std=0). Then all
-codes are equal at step 0, every latent ties and picks code 0, and the head rows of the other code
-positions inside a patch get no gradient until the zero code wins a tie: on the tiny preset at
-K = 16384 that left 42% of the codes unused after 3000 steps (XS/4; 80% with XS/8). fullvq's
-default, N(0, 1e-3^2), starts the codes near zero but distinct (93-94% used at 10 tokens per code
-with XS/4 and XS/8 alike; docs/training.md).
+Names (`parse_bridge`) are FVQ's, as qbridge_ViT.py defines them: SIZE/PATCH[-dDEPTH], optionally
+spelled "QBridge-L/8". XS, S, B, L, XL are 4 attention heads of 8, 16, 32, 64, 128 channels (width
+32 to 512), depth 2 unless -d1 or -d4, MLP 2x the width, patch 2, 4 or 8. FVQ's dictionary lists 20
+of these 45 combinations; the others follow the same arithmetic. Any other shape is spelled out as
+W{width}-H{heads}-D{depth}/{patch} (MLP 2x the width), e.g. "W128-H4-D2/16", which cannot be read
+as an FVQ name. "auto" is FVQ's own choice for K (`fvq_bridge_for`).
+
+Initialisation: "fvq" is FVQ's (raw codes uniform in +-1/K as vq_model_qbridge_release.py does;
+patch embedding and every linear layer xavier-uniform with zero biases, as its initialize_weights
+does). "fullvq" keeps PyTorch's default layer initialisation and starts the raw codes at N(0, 1).
+Either way the last layer starts at N(0, head_init_std^2); head_init_std = 0 is FVQ's exact zero.
+With a zero head every code is equal at step 0, every latent ties and takes code 0, and the head
+rows of the other positions in a patch get no gradient until the zero code wins a tie
+(docs/training.md measures what that costs on the tiny preset).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,19 +35,61 @@ from torch import nn
 
 from .base import Quantizer
 
-# name -> (width, depth, heads). The paper names its bridges XS..XL with patch 2/4/8; these sizes
-# are fullvq's, chosen so that XS..XL span about 0.1M to 70M parameters.
-BRIDGE_SIZES = {"XS": (128, 2, 2), "S": (256, 2, 4), "B": (512, 4, 8), "L": (768, 6, 12), "XL": (1024, 8, 16)}
-PATCHES = (2, 4, 8, 16)
+FVQ_HEADS = 4
+FVQ_HEAD_DIMS = {"XS": 8, "S": 16, "B": 32, "L": 64, "XL": 128}  # qbridge_ViT.py's head_hidden_size
+FVQ_PATCHES = (2, 4, 8)
+FVQ_DEPTHS = (1, 2, 4)
+LN_EPS = 1e-6  # qbridge_ViT.py's LayerNorms
+INITS = ("fullvq", "fvq")
+_FVQ_NAME = re.compile(r"(?:qbridge-)?(XS|S|B|L|XL)/(\d+)(?:-d(\d+))?", re.IGNORECASE)
+_SPELLED = re.compile(r"W(\d+)-H(\d+)-D(\d+)/(\d+)", re.IGNORECASE)
+# fullvq 0.1 (checkpoint version 1) gave XS..XL its own (width, heads, depth); fullvq.checkpoint
+# rewrites those names as spelled-out shapes when it reads such a checkpoint.
+LEGACY_SIZES = {"XS": (128, 2, 2), "S": (256, 4, 2), "B": (512, 8, 4), "L": (768, 12, 6), "XL": (1024, 16, 8)}
+LEGACY_LN_EPS = 1e-5
 
 
-def parse_bridge(name: str) -> tuple[int, int, int, int]:
-    """"S/4" -> (width, depth, heads, patch)."""
+class BridgeShape(NamedTuple):
+    width: int
+    depth: int
+    heads: int
+    patch: int
+
+
+def parse_bridge(name: str) -> BridgeShape:
+    """"L/8" -> BridgeShape(width=256, depth=2, heads=4, patch=8); "W128-H4-D2/16" as spelled."""
+    if m := _FVQ_NAME.fullmatch(name.strip()):
+        size, patch, depth = m[1].upper(), int(m[2]), int(m[3] or 2)
+        if patch in FVQ_PATCHES and depth in FVQ_DEPTHS:
+            return BridgeShape(FVQ_HEADS * FVQ_HEAD_DIMS[size], depth, FVQ_HEADS, patch)
+    if m := _SPELLED.fullmatch(name.strip()):
+        width, heads, depth, patch = map(int, m.groups())
+        if min(width, heads, depth, patch) > 0 and width % heads == 0:
+            return BridgeShape(width, depth, heads, patch)
+    raise ValueError(f"unknown bridge {name!r}: expected one of FVQ's names, SIZE/PATCH[-dDEPTH] with SIZE in "
+                     f"{list(FVQ_HEAD_DIMS)}, PATCH in {list(FVQ_PATCHES)} and DEPTH in {list(FVQ_DEPTHS)} (e.g. "
+                     f"'L/8', 'B/4-d4'), or a spelled-out shape W<width>-H<heads>-D<depth>/<patch> with heads "
+                     f"dividing width (e.g. 'W128-H4-D2/16')")
+
+
+def fvq_bridge_for(codebook_size: int) -> str:
+    """FVQ's choice in scripts/recon: L/4 for 16,384 codes, L/8 for 65,536 and 262,144 (and
+    here: L/4 up to 16,384 codes, L/8 beyond)."""
+    return "L/4" if codebook_size <= 16384 else "L/8"
+
+
+def resolve_bridge(name: str, codebook_size: int) -> str:
+    """The bridge name a config means: "auto" is FVQ's choice for the codebook size."""
+    return fvq_bridge_for(codebook_size) if name == "auto" else name
+
+
+def legacy_bridge_name(name: str) -> str:
+    """fullvq 0.1's "XS/8" -> its shape spelled out, "W128-H2-D2/8"; other names unchanged."""
     size, _, patch = name.upper().partition("/")
-    if size not in BRIDGE_SIZES or not patch.isdigit() or int(patch) not in PATCHES:
-        raise ValueError(f"unknown bridge {name!r}: expected SIZE/PATCH with SIZE in {list(BRIDGE_SIZES)} "
-                         f"and PATCH in {list(PATCHES)}, e.g. 'S/4'")
-    return (*BRIDGE_SIZES[size], int(patch))
+    if size not in LEGACY_SIZES or not patch.isdigit():
+        return name
+    width, heads, depth = LEGACY_SIZES[size]
+    return f"W{width}-H{heads}-D{depth}/{patch}"
 
 
 def check_grid(codebook_size: int, patch: int) -> int:
@@ -56,15 +108,15 @@ def check_grid(codebook_size: int, patch: int) -> int:
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)). x (B, N, W)."""
 
-    def __init__(self, width: int, heads: int, mlp_width: int):
+    def __init__(self, width: int, heads: int, mlp_width: int, ln_eps: float = LN_EPS):
         super().__init__()
         if width % heads:
             raise ValueError(f"bridge width {width} is not divisible by its {heads} attention heads")
         self.heads = heads
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
+        self.norm1 = nn.LayerNorm(width, eps=ln_eps, elementwise_affine=False)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(width, eps=ln_eps, elementwise_affine=False)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_width), nn.GELU(approximate="tanh"), nn.Linear(mlp_width, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,25 +129,40 @@ class Block(nn.Module):
 class VQBridge(nn.Module):
     """(K, D) raw codes -> (K, D) codes.
 
-    `VQBridge(K, D, *parse_bridge("S/4"))` builds a named config; the MLP is 2x the width unless
-    `mlp_width` says otherwise. `pos_embed` ((K / p^2, width), added after the patch embedding) is
-    None as in the paper; only bridges converted from other code bases (fullvq.interop) set it.
+    `VQBridge(K, D, *parse_bridge("L/8"))` builds a named config; the MLP is 2x the width unless
+    `mlp_width` says otherwise. `pos_embed` ((1, K / p^2, width), added after the patch embedding)
+    is None as in FVQ's ViT bridge; only bridges converted from FVQ's DiT bridge (fullvq.interop)
+    set it. The layers start as PyTorch initialises them (see `init_like_fvq`), the head at
+    N(0, head_init_std^2).
     """
 
     def __init__(self, codebook_size: int, dim: int, width: int, depth: int, heads: int, patch: int,
-                 head_init_std: float = 0.0, mlp_width: int | None = None):
+                 head_init_std: float = 0.0, mlp_width: int | None = None, ln_eps: float = LN_EPS):
         super().__init__()
         self.side, self.patch, self.dim = check_grid(codebook_size, patch), patch, dim
         self.patch_embed = nn.Conv2d(dim, width, kernel_size=patch, stride=patch)
         self.register_buffer("pos_embed", None)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_width or 2 * width) for _ in range(depth))
-        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_width or 2 * width, ln_eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=ln_eps, elementwise_affine=False)
         self.head = nn.Linear(width, patch * patch * dim)
+        self.head_init_std = head_init_std
+        self._init_head()
+
+    def _init_head(self) -> None:
         nn.init.zeros_(self.head.bias)
-        if head_init_std > 0:  # near-zero but distinct codes: positions within a patch are not tied
-            nn.init.normal_(self.head.weight, std=head_init_std)
+        if self.head_init_std > 0:  # near-zero but distinct codes: positions within a patch are not tied
+            nn.init.normal_(self.head.weight, std=self.head_init_std)
         else:
             nn.init.zeros_(self.head.weight)
+
+    @torch.no_grad()
+    def init_like_fvq(self) -> None:
+        """FVQ's initialize_weights: every linear layer and the patch embedding (as the linear map of
+        a flattened patch) xavier-uniform with zero bias; the head as head_init_std says."""
+        for module in (self.patch_embed, *(m for m in self.modules() if isinstance(m, nn.Linear))):
+            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            nn.init.zeros_(module.bias)
+        self._init_head()
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         s, p, d = self.side, self.patch, self.dim
@@ -111,10 +178,19 @@ class VQBridge(nn.Module):
 
 
 class BridgeQuantizer(Quantizer):
-    def __init__(self, codebook_size: int, dim: int, bridge: str = "S/4", head_init_std: float = 0.0, **kw):
+    """Raw codes (K, D) -> VQBridge -> the codebook. `init` is "fullvq" or "fvq" (module docstring)."""
+
+    def __init__(self, codebook_size: int, dim: int, bridge: str = "auto", head_init_std: float = 0.0,
+                 init: str = "fullvq", ln_eps: float = LN_EPS, **kw):
         super().__init__(codebook_size, dim, **kw)
-        self.raw = nn.Parameter(torch.randn(codebook_size, dim))
-        self.bridge = VQBridge(codebook_size, dim, *parse_bridge(bridge), head_init_std)
+        if init not in INITS:
+            raise ValueError(f"unknown bridge initialisation {init!r}: expected one of {list(INITS)}")
+        raw = torch.empty(codebook_size, dim)
+        self.raw = nn.Parameter(raw.uniform_(-1 / codebook_size, 1 / codebook_size) if init == "fvq" else raw.normal_())
+        self.bridge = VQBridge(codebook_size, dim, *parse_bridge(resolve_bridge(bridge, codebook_size)),
+                               head_init_std, ln_eps=ln_eps)
+        if init == "fvq":
+            self.bridge.init_like_fvq()
 
     def codebook(self) -> torch.Tensor:
         return self.bridge(self.raw)
