@@ -9,9 +9,12 @@
   one for one; LlamaGen's ``quantize.codebook_used`` usage buffer is dropped. ch, ch_mult,
   num_res_blocks, z_channels and the codebook's size and dim are read off the tensor shapes;
   GroupNorm has 32 groups, as LlamaGen fixes it.
-- ``fvq``: the same, plus FVQ's VQBridge under ``quantize.qbridge.`` with the raw codebook in
-  ``quantize.embedding.weight``. The bridge runs once; its output becomes the codebook and its keys
-  are dropped (FVQ_BRIDGE_KEYS gives the layout read).
+- ``fvq``: the same, plus FVQ's bridge under ``quantize.qbridge.`` with the raw codebook in
+  ``quantize.embedding.weight``: the ViT bridge of ``qbridge_ViT.py`` (FVQ_VIT_KEYS) or the DiT bridge
+  of ``qbridge.py`` that FVQ's training scripts use (FVQ_DIT_KEYS too). The bridge runs once, in
+  float64, with FVQ's arithmetic (4 heads unless told otherwise, LayerNorm eps 1e-6); its output
+  becomes the codebook and its keys are dropped. Files saved by FVQ's trainers ({"model", "ema",
+  "optimizer", ..., "args"}) name their bridge in args.QB_type, which is checked against the shapes.
 - Metric: LlamaGen's quantizer l2-normalises latents and codes (cosine); converted FVQ models may
   not. Cosine when every codebook row has unit norm, else l2, unless `metric` says.
 """
@@ -23,10 +26,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from . import checkpoint
 from .config import ModelConfig, QuantizerConfig, preset
-from .quantizers.bridge import VQBridge
+from .quantizers.bridge import FVQ_HEADS, VQBridge, parse_bridge
 
 SOURCES = ("fullvq", "llamagen", "fvq")
 METRICS = ("l2", "cosine")
@@ -36,10 +40,9 @@ UNIT_NORM_TOL = 1e-3
 LLAMAGEN_NORM_GROUPS = 32
 LLAMAGEN_IMAGE_SIZE = 256
 
-# FVQ's ViT bridge (the paper's) -> fullvq's VQBridge, per block i; LayerNorms have no weights;
-# pos_embed, (1, tokens, width), is optional. The names are DiT's / timm's, which FVQ says its bridge
-# builds on: the source of FVQ's qbridge_ViT.py was not available to check them against.
-FVQ_BRIDGE_KEYS = {
+# FVQ's ViT bridge (qbridge_ViT.py's VQBridge) -> fullvq's VQBridge, per block i; its LayerNorms have no
+# weights. The DiT bridge (qbridge.py) has these too, plus FVQ_DIT_KEYS and a fixed sin-cos pos_embed.
+FVQ_VIT_KEYS = {
     "x_embedder.proj": "patch_embed",
     "blocks.{i}.attn.qkv": "blocks.{i}.qkv",
     "blocks.{i}.attn.proj": "blocks.{i}.proj",
@@ -47,11 +50,14 @@ FVQ_BRIDGE_KEYS = {
     "blocks.{i}.mlp.fc2": "blocks.{i}.mlp.2",
     "final_layer.linear": "head",
 }
+FVQ_DIT_KEYS = ("y_embedder.embedding_table.weight", "blocks.{i}.adaLN_modulation.1.weight",
+                "blocks.{i}.adaLN_modulation.1.bias", "final_layer.adaLN_modulation.1.weight",
+                "final_layer.adaLN_modulation.1.bias")
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict]:
     """(state dict with floating tensors in float32 and any "module." prefix removed, where in the
-    file it was found)."""
+    file it was found, the training arguments saved beside it as a dict ({} when none))."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -73,7 +79,9 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{str(path)!r} holds no state dict of tensors under 'ema', 'model', 'state_dict' or at the "
                          f"top level (found {found})")
-    return {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in weights.items()}, where
+    args = vars(obj["args"]) if isinstance(obj, dict) and isinstance(obj.get("args"), argparse.Namespace) else {}
+    sd = {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    return sd, where, args
 
 
 def _shape(sd: dict, key: str) -> torch.Size:
@@ -124,50 +132,106 @@ def detect_metric(codebook: torch.Tensor, override: str | None = None) -> tuple[
                   f"with codebook_l2_norm (LlamaGen's default) needs --metric cosine")
 
 
-def _bridge_kind(keys: set[str]) -> str:
-    if any("adaLN" in k for k in keys):
-        return "the DiT bridge (adaLN-modulated blocks, FVQ's vq_train_qbridge_lr.py)"
-    if any("clip" in k.lower() for k in keys):
-        return "a CLIP bridge"
-    return "an unrecognised bridge"
+def _bridge_kind(keys: set[str], dit: bool) -> str:
+    if keys & {"linear.weight", "linear_5.0.weight"}:
+        return "one of FVQ's linear bridges (Qbridge-lin/1 or lin/5)"
+    if any("clip" in k.lower() or "siglip" in k.lower() for k in keys):
+        return "a CLIP/SigLIP bridge"
+    return "a DiT bridge (adaLN-modulated blocks) of another layout" if dit else "an unrecognised bridge"
 
 
-def bake_fvq_bridge(sd: dict, heads: int | None = None) -> tuple[torch.Tensor, dict]:
-    """(codebook (K, D) = bridge(raw codebook), what was read) from an FVQ-format state dict."""
+def bake_fvq_bridge(sd: dict, heads: int | None = None, qb_type: str | None = None) -> tuple[torch.Tensor, dict]:
+    """(codebook (K, D) = bridge(raw codebook), what was read) from an FVQ-format state dict.
+
+    Either of FVQ's bridges: the ViT one (FVQ_VIT_KEYS) or the DiT one (FVQ_DIT_KEYS too), whose
+    adaLN modulation is folded into the linear layers it feeds (see _fold_adaln). `qb_type` is the
+    name FVQ's training arguments give (e.g. "QBridge-L/8"), checked against the tensor shapes;
+    `heads` overrides the attention heads (default: 4, as in every FVQ config). Computed in float64.
+    """
     raw = sd["quantize.embedding.weight"]
     bridge = {k[len(BRIDGE_PREFIX):]: v for k, v in sd.items() if k.startswith(BRIDGE_PREFIX)}
+    dit = any("adaLN_modulation" in k for k in bridge)
     depth = _count(bridge, "blocks.")
-    names = {f"{fvq.format(i=i)}.{p}": f"{ours.format(i=i)}.{p}"
-             for fvq, ours in FVQ_BRIDGE_KEYS.items() for i in range(depth if "{i}" in fvq else 1)
-             for p in ("weight", "bias")}
-    unknown = sorted(set(bridge) - set(names) - {"pos_embed"})
-    missing = sorted(set(names) - set(bridge))
+    params = [f"{key}.{p}" for key in FVQ_VIT_KEYS for p in ("weight", "bias")] + list(FVQ_DIT_KEYS if dit else ())
+    expected = {key.format(i=i) for key in params for i in range(depth if "{i}" in key else 1)}
+    unknown = sorted(set(bridge) - expected - {"pos_embed"})
+    missing = sorted(expected - set(bridge) | ({"pos_embed"} - set(bridge) if dit else set()))
     if unknown or missing:
-        raise ValueError(f"--from fvq reads the paper's ViT bridge (quantize.qbridge.{{x_embedder.proj, "
-                         f"blocks.N.attn.qkv/proj, blocks.N.mlp.fc1/fc2, final_layer.linear}}, optional pos_embed); "
-                         f"this checkpoint holds {_bridge_kind(set(bridge))}: unknown keys {unknown[:8]}, missing "
-                         f"keys {missing[:8]}")
+        raise ValueError(f"--from fvq reads FVQ's ViT bridge (quantize.qbridge.{{x_embedder.proj, blocks.N.attn.qkv/"
+                         f"proj, blocks.N.mlp.fc1/fc2, final_layer.linear}}) and its DiT bridge (those, pos_embed, "
+                         f"y_embedder and adaLN_modulation); this checkpoint holds {_bridge_kind(set(bridge), dit)}: "
+                         f"unknown keys {unknown[:8]}, missing keys {missing[:8]}")
     width, dim, patch, _ = bridge["x_embedder.proj.weight"].shape
-    heads = heads or max(1, width // 64)
     mlp_width = bridge["blocks.0.mlp.fc1.weight"].shape[0] if depth else 2 * width
-    module = VQBridge(raw.shape[0], dim, width, depth, heads, patch, mlp_width=mlp_width)
-    weights = {names[k]: v for k, v in bridge.items() if k != "pos_embed"}
+    name = _check_qb_type(qb_type, width, depth, patch, mlp_width) if qb_type else None
+    heads = heads or FVQ_HEADS
+    module = VQBridge(raw.shape[0], dim, width, depth, heads, patch, mlp_width=mlp_width).double()
+    weights = {f"{ours.format(i=i)}.{p}": bridge[f"{fvq.format(i=i)}.{p}"].double()
+               for fvq, ours in FVQ_VIT_KEYS.items() for i in range(depth if "{i}" in fvq else 1)
+               for p in ("weight", "bias")}
+    if dit:
+        _fold_adaln(weights, bridge, depth)
     if "pos_embed" in bridge:
         tokens = (module.side // patch) ** 2
         if bridge["pos_embed"].numel() != tokens * width:
             raise ValueError(f"quantize.qbridge.pos_embed has shape {tuple(bridge['pos_embed'].shape)}; the bridge "
                              f"has {tokens} tokens of width {width}")
-        module.pos_embed = torch.empty(1, tokens, width)
-        weights["pos_embed"] = bridge["pos_embed"].reshape(1, tokens, width)
+        module.pos_embed = torch.empty(1, tokens, width, dtype=torch.float64)
+        weights["pos_embed"] = bridge["pos_embed"].reshape(1, tokens, width).double()
     try:
         module.load_state_dict(weights)
     except RuntimeError as e:
         raise ValueError(f"the FVQ bridge's tensors do not fit a ViT bridge of width {width}, depth {depth}, patch "
                          f"{patch}: {e}") from None
     with torch.no_grad():
-        codebook = module.eval()(raw)
-    return codebook, {"width": width, "depth": depth, "heads": heads, "patch": patch, "mlp_width": mlp_width,
-                      "pos_embed": "pos_embed" in bridge}
+        codebook = module.eval()(raw.double()).float()
+    read = {"kind": "DiT" if dit else "ViT", "name": name, "width": width, "depth": depth, "heads": heads,
+            "patch": patch, "mlp_width": mlp_width, "pos_embed": "pos_embed" in bridge}
+    if dit:
+        read["condition"] = f"class 0 of {len(bridge['y_embedder.embedding_table.weight'])} label embeddings"
+    return codebook, read
+
+
+def _check_qb_type(qb_type: str, width: int, depth: int, patch: int, mlp_width: int) -> str:
+    """FVQ's QB_type argument, after checking that it names the shapes the tensors have."""
+    try:
+        named = parse_bridge(qb_type)
+    except ValueError:
+        raise ValueError(f"the checkpoint's arguments name the bridge {qb_type!r}, which is not one of FVQ's ViT/DiT "
+                         f"bridges (SIZE/PATCH[-dDEPTH])") from None
+    if (named.width, named.depth, named.patch, 2 * named.width) != (width, depth, patch, mlp_width):
+        raise ValueError(f"the checkpoint's arguments name {qb_type!r} (width {named.width}, depth {named.depth}, "
+                         f"patch {named.patch}), but its bridge tensors have width {width}, depth {depth}, patch "
+                         f"{patch}, MLP {mlp_width}: the file is inconsistent")
+    return qb_type
+
+
+def _fold_adaln(weights: dict, bridge: dict, depth: int) -> None:
+    """Folds the DiT bridge's adaLN-Zero modulation, constant for FVQ's fixed condition (class 0:
+    FVQ's inference embeds label 0 without dropout), into the linear layers around it (float64):
+    Linear(LN(x) * (1 + scale) + shift) = Linear'(LN(x)) and gate * Linear(h) = Linear''(h), per block
+    (shift, scale, gate before attention and MLP) and before the head (shift, scale)."""
+    condition = F.silu(bridge["y_embedder.embedding_table.weight"][0].double())
+
+    def modulation(prefix: str, parts: int):
+        return (bridge[f"{prefix}.weight"].double() @ condition + bridge[f"{prefix}.bias"].double()).chunk(parts)
+
+    def scale_input(layer: str, shift, scale) -> None:
+        w, b = weights[f"{layer}.weight"], weights[f"{layer}.bias"]
+        weights[f"{layer}.weight"], weights[f"{layer}.bias"] = w * (1 + scale), b + w @ shift
+
+    def gate_output(layer: str, gate) -> None:
+        weights[f"{layer}.weight"], weights[f"{layer}.bias"] = gate[:, None] * weights[f"{layer}.weight"], \
+            gate * weights[f"{layer}.bias"]
+
+    for i in range(depth):
+        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = modulation(f"blocks.{i}.adaLN_modulation.1", 6)
+        scale_input(f"blocks.{i}.qkv", shift_attn, scale_attn)
+        gate_output(f"blocks.{i}.proj", gate_attn)
+        scale_input(f"blocks.{i}.mlp.0", shift_mlp, scale_mlp)
+        gate_output(f"blocks.{i}.mlp.2", gate_mlp)
+    shift, scale = modulation("final_layer.adaLN_modulation.1", 2)
+    scale_input("head", shift, scale)
 
 
 def _check_keys(expected: dict[str, torch.Tensor], sd: dict) -> None:
@@ -185,21 +249,22 @@ def convert(path: str | Path, source: str, metric: str | None = None, bridge_hea
             image_size: int = LLAMAGEN_IMAGE_SIZE) -> dict:
     """A fullvq checkpoint dict (config, model, step 0, converted_from) of a LlamaGen or FVQ file.
 
-    The config is the vq16 training recipe with the file's architecture, so that train/fvq.py
-    --resume fine-tunes it; image_size is the size the model is meant for (LlamaGen's: 256).
+    The config is the vq16 (LlamaGen) or fvq (FVQ) training recipe with the file's architecture and
+    a plain `vq` quantizer holding the (baked) codebook, so that train/fvq.py --resume fine-tunes it;
+    image_size is the size the model is meant for (LlamaGen's and FVQ's: 256).
     """
     from .models import build_model
 
     if source not in SOURCES[1:]:
         raise ValueError(f"unknown checkpoint format {source!r}: expected one of {list(SOURCES[1:])}")
-    sd, where = read_weights(path)
+    sd, where, args = read_weights(path)
     has_bridge = any(k.startswith(BRIDGE_PREFIX) for k in sd)
     if has_bridge and source == "llamagen":
         raise ValueError(f"{str(path)!r} holds an FVQ bridge (quantize.qbridge.*): convert it with --from fvq")
     origin = {"format": source, "path": str(path), "weights": where, "dropped": [k for k in DROPPED if k in sd]}
     if has_bridge:
         _shape(sd, "quantize.embedding.weight")
-        codebook, origin["bridge"] = bake_fvq_bridge(sd, bridge_heads)
+        codebook, origin["bridge"] = bake_fvq_bridge(sd, bridge_heads, args.get("QB_type"))
         origin["dropped"] += sorted(k for k in sd if k.startswith(BRIDGE_PREFIX))
         sd = {**sd, "quantize.embedding.weight": codebook}
     elif bridge_heads is not None:
@@ -208,7 +273,7 @@ def convert(path: str | Path, source: str, metric: str | None = None, bridge_hea
     model_cfg = infer_model_config(sd)
     size, dim = _shape(sd, "quantize.embedding.weight")
     origin["metric"], origin["metric_reason"] = detect_metric(sd["quantize.embedding.weight"], metric)
-    cfg = preset("vq16")
+    cfg = preset("fvq" if source == "fvq" else "vq16")
     cfg.model, cfg.image_size = model_cfg, image_size
     cfg.quantizer = QuantizerConfig(name="vq", codebook_size=size, codebook_dim=dim,
                                     l2_norm=origin["metric"] == "cosine")
@@ -234,11 +299,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("published checkpoints")
     group.add_argument("--from", dest="source", choices=SOURCES, default="fullvq",
                        help="CKPT's format: fullvq (default), llamagen (LlamaGen VQModel / FVQ's VQGAN-format "
-                            "release) or fvq (FVQ with its VQBridge, baked here)")
+                            "release) or fvq (FVQ with its ViT or DiT VQBridge, baked here)")
     group.add_argument("--metric", choices=METRICS, help="codebook metric of a converted checkpoint (default: cosine "
                                                          "when every code has unit norm, else l2)")
-    group.add_argument("--bridge-heads", type=int, metavar="N", help="attention heads of an FVQ bridge "
-                                                                     "(default: width / 64)")
+    group.add_argument("--bridge-heads", type=int, metavar="N", help="attention heads of an FVQ bridge (default: "
+                                                                     "4, as in every FVQ config)")
 
 
 def from_arguments(args: argparse.Namespace) -> str | dict:
@@ -250,8 +315,12 @@ def describe(state: dict) -> str:
     """One line on what a conversion (convert's result) read and chose."""
     origin = state["converted_from"]
     cfg, bridge = state["config"], origin.get("bridge")
-    baked = (f", VQBridge baked (width {bridge['width']}, depth {bridge['depth']}, patch {bridge['patch']}, "
-             f"{bridge['heads']} heads)" if bridge else "")
+    baked = ""
+    if bridge:
+        name = f"{bridge['name']}, " if bridge.get("name") else ""
+        condition = f", {bridge['condition']}" if bridge.get("condition") else ""
+        baked = (f", FVQ {bridge['kind']} bridge baked ({name}width {bridge['width']}, depth {bridge['depth']}, "
+                 f"patch {bridge['patch']}, {bridge['heads']} heads{condition})")
     return (f"converted {origin['format']} weights from {origin['weights']}: ch {cfg['model']['ch']}, ch_mult "
             f"{tuple(cfg['model']['ch_mult'])}, {cfg['quantizer']['codebook_size']} codes of dim "
             f"{cfg['quantizer']['codebook_dim']}{baked}; metric {origin['metric']} ({origin['metric_reason']})")
