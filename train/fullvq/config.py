@@ -27,7 +27,9 @@ class ModelConfig:
 
 @dataclass
 class QuantizerConfig:
-    """Which quantizer, and its codebook. `bridge` names a VQBridge config such as "S/4"."""
+    """Which quantizer, and its codebook. `bridge` names a VQBridge config in FVQ's names ("L/8",
+    "B/4-d4"), a spelled-out shape ("W128-H4-D2/16") or "auto" (FVQ's choice for K: L/4 up to
+    16,384 codes, L/8 beyond); see fullvq.quantizers.bridge."""
 
     name: str = "bridge"
     codebook_size: int = 16384
@@ -37,8 +39,10 @@ class QuantizerConfig:
     entropy_weight: float = 0.0      # skipped entirely at 0
     entropy_temperature: float = 0.01
     ema_decay: float = 0.99          # ema quantizer
-    bridge: str = "S/4"
-    bridge_head_init_std: float = 1e-3  # 0 = the paper's exact zero start (ties every code at step 0)
+    bridge: str = "auto"
+    bridge_init: str = "fullvq"      # "fvq": FVQ's (raw codes uniform in +-1/K, xavier layers); "fullvq": N(0, 1) codes
+    bridge_head_init_std: float = 1e-3  # 0 = FVQ's exact zero start of the last layer (ties every code at step 0)
+    bridge_ln_eps: float = 1e-6      # FVQ's; checkpoints of fullvq 0.1 (PyTorch's default 1e-5) keep theirs
     lc_codebook: str = ""            # lc: file from train/build_lc_codebook.py
     lc_feature_dim: int = 0          # lc: filled in from that file
     residual_depth: int = 1          # > 1 wraps the quantizer in residual VQ
@@ -51,7 +55,7 @@ class LossConfig:
     perceptual_weight: float = 0.0   # LPIPS (VGG)
     disc_weight: float = 0.0         # PatchGAN hinge; 0 switches the discriminator off
     disc_start: int = 0              # generator step from which the adversarial loss is used
-    disc_lr: float = 1e-4
+    disc_lr: float = 1e-4            # peak; follows the generator's schedule and batch scaling
 
 
 @dataclass
@@ -62,17 +66,24 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     # data
     data: str = ""                   # folder of images; "" = the photos that ship in pip packages
+    train_crops: str = "split"       # "split": crops of each image's left 3/4 (its right 1/4 is held out);
+                                     # "resize": LlamaGen/FVQ's random_crop_arr + flip over whole images
+    val_data: str = ""               # held-out folder for the final evaluation ("" = the split's held-out tiles)
+    val_crop: str = "center"         # of val_data: "center" (FVQ's eval: no resize), "resize" (short side first), "tiles"
     image_size: int = 32
-    batch_size: int = 32
+    batch_size: int = 32             # per process
+    global_batch_size: int = 0       # > 0: split over the processes, replacing batch_size
     num_workers: int = 0
     # optimisation
     steps: int = 3000
+    epochs: int = 0                  # > 0: steps = epochs x (images // global batch), replacing steps
     lr: float = 1e-3
+    lr_base_batch: int = 0           # > 0: the peak lr is lr x global batch / lr_base_batch (FVQ: 128)
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
-    schedule: str = "anneal"         # "anneal" (FVQ), "cosine" or "constant"
+    schedule: str = "anneal"         # "anneal" (FVQ's learning annealing), "fvq" (its script's exact 'lin'), "cosine", "constant"
     warmup: float = 0.05             # fractions of `steps`
-    decay_start: float = 0.5
+    decay_start: float = 0.5         # ("fvq": of the steps after warm-up, FVQ's lrT)
     final_lr_ratio: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.0           # > 0 keeps an EMA of the weights, used by evaluation and export
@@ -95,7 +106,7 @@ def _tiny() -> Config:
     return Config(
         preset="tiny",
         model=ModelConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, norm_groups=8),
-        quantizer=QuantizerConfig(bridge="XS/8"),
+        quantizer=QuantizerConfig(bridge="B/8"),  # FVQ's B/8: as wide as fullvq 0.1's XS/8, at the same cost
     )
 
 
@@ -108,7 +119,30 @@ def _vq16() -> Config:
     )
 
 
-PRESETS = {"tiny": _tiny, "vq16": _vq16}
+def _fvq() -> Config:
+    """FVQ's ImageNet recipe: scripts/recon/FVQ-{16384,65536,262144}.sh running
+    tokenizer/tokenizer_image/vq_train_qbridge_lr.py (docs/training.md names the source of each value).
+
+    LlamaGen VQ-16 with 256-dimensional codes, no l2 normalisation; the bridge FVQ's scripts pick for K
+    (L/4 at 16,384 codes, L/8 at 65,536 and 262,144) with FVQ's initialisation and a zero last layer;
+    Adam (0.9, 0.95) without weight decay at 1e-4 x global batch / 128, global batch 128, 40 epochs,
+    gradients clipped at 1 (generator and discriminator); its 'lin' schedule (4 warm-up epochs from
+    0.5% of the peak, hold for 30% of the rest, linear decay to 1%) for both optimisers; L2 pixel +
+    LPIPS + 0.5 PatchGAN hinge from step 20,000 (FVQ counts steps from 1) + codebook + 0.25 commitment;
+    no EMA; random_crop_arr + flip of whole training images, centre crops of --val-data.
+    """
+    return Config(
+        preset="fvq", image_size=256, global_batch_size=128, batch_size=128, epochs=40, lr=1e-4, lr_base_batch=128,
+        weight_decay=0.0, schedule="fvq", warmup=0.1, decay_start=0.3, final_lr_ratio=0.01, grad_clip=1.0,
+        train_crops="resize", val_crop="center", num_workers=8,
+        model=ModelConfig(),
+        quantizer=QuantizerConfig(codebook_dim=256, bridge="auto", bridge_init="fvq", bridge_head_init_std=0.0),
+        loss=LossConfig(perceptual_weight=1.0, disc_weight=0.5, disc_start=19_999, disc_lr=1e-4),
+        log_every=100, ckpt_every=10_000,
+    )
+
+
+PRESETS = {"tiny": _tiny, "vq16": _vq16, "fvq": _fvq}
 
 
 def preset(name: str) -> Config:

@@ -1,8 +1,13 @@
 """Training and evaluation images: a folder of images, or the real photos that ship in pip packages.
 
-Every image is split once: its left three quarters feed training crops, its right quarter is cut
-into non-overlapping held-out tiles. Training crops are a pure function of (seed, step, sample),
-so any number of loader workers, any number of ranks and a resumed run all see the same crops.
+Two ways to cut training crops (Config.train_crops):
+- "split" (TrainCrops): every image is split once; its left three quarters feed random crops, its
+  right quarter is cut into non-overlapping held-out tiles (heldout_tiles).
+- "resize" (ResizedCrops): LlamaGen's and FVQ's random_crop_arr of whole images, epoch by epoch
+  (each image once per epoch, in a seeded order), with a horizontal flip; held-out images come from
+  a separate folder (Config.val_data).
+Either way a training crop is a pure function of (seed, sample index), so any number of loader
+workers, any number of ranks and a resumed run all see the same crops.
 """
 
 from __future__ import annotations
@@ -11,11 +16,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import math
+
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+TRAIN_CROPS = ("split", "resize")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 HELDOUT_FRACTION = 0.25
 MAX_HELDOUT_IMAGES = 256
@@ -111,6 +119,45 @@ class TrainCrops(Dataset):
         return crop.flip(2) if bool(torch.rand(1, generator=g) < 0.5) else crop
 
 
+class ResizedCrops(Dataset):
+    """Item i = LlamaGen/FVQ's random_crop_arr (3, S, S) in [-1, 1] of image perm_e[i % N], flipped with
+    probability 1/2, where e = i // N is the epoch and perm_e a permutation of the N images seeded by
+    (seed, e): each image once per epoch, a new order and new crops every epoch."""
+
+    def __init__(self, sources: list, size: int, seed: int):
+        self.sources, self.size, self.seed = sources, size, seed
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation), one at a time
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def image_of(self, i: int) -> int:
+        epoch, n = divmod(i, len(self.sources))
+        if self._order is None or self._order[0] != epoch:
+            g = torch.Generator().manual_seed(-(self.seed * 1_000_003 + epoch + 1))  # apart from the crops' seeds
+            self._order = epoch, torch.randperm(len(self.sources), generator=g)
+        return int(self._order[1][n])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        crop = to_tensor(random_crop_arr(open_rgb(self.sources[self.image_of(i)]), self.size, g))
+        return crop.flip(2) if bool(torch.rand(1, generator=g) < 0.5) else crop
+
+
+def random_crop_arr(image: Image.Image, size: int, g: torch.Generator, min_crop_frac: float = 0.8) -> Image.Image:
+    """ADM's random_crop_arr as LlamaGen and FVQ train with it (dataset/augmentation.py), drawing from `g`:
+    the short side goes to a random length in [S, ceil(S / min_crop_frac)] (halvings with a box filter
+    while the image is at least twice that, then bicubic), then a random S x S crop."""
+    short = int(torch.randint(size, math.ceil(size / min_crop_frac) + 1, (1,), generator=g))
+    while min(image.size) >= 2 * short:
+        image = image.resize((image.width // 2, image.height // 2), Image.BOX)
+    scale = short / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+    top = int(torch.randint(image.height - size + 1, (1,), generator=g))
+    left = int(torch.randint(image.width - size + 1, (1,), generator=g))
+    return image.crop((left, top, left + size, top + size))
+
+
 def tiles(image: torch.Tensor, size: int) -> torch.Tensor:
     """(3, H, W) -> (N, 3, S, S): the non-overlapping S x S tiles, row by row (the remainder is dropped)."""
     _, h, w = image.shape
@@ -174,9 +221,18 @@ def load_sources(data: str) -> list:
     return default_photos() if not data else list_images(data)
 
 
-def train_batches(dataset: TrainCrops, batch_size: int, start_step: int, rank: int = 0, world: int = 1,
-                  num_workers: int = 0) -> Iterator[torch.Tensor]:
-    """Endless (B, 3, S, S) batches for this rank, from step `start_step` on."""
+def training_crops(sources: list, size: int, seed: int, how: str) -> TrainCrops | ResizedCrops:
+    """The training crops of Config.train_crops `how` ("split" or "resize")."""
+    if how not in TRAIN_CROPS:
+        raise ValueError(f"unknown train_crops {how!r}: expected 'split' (left 3/4 of each image, the rest held "
+                         f"out) or 'resize' (LlamaGen/FVQ's random_crop_arr of whole images)")
+    return (TrainCrops if how == "split" else ResizedCrops)(sources, size, seed)
+
+
+def train_batches(dataset: Dataset, batch_size: int, start_step: int, rank: int = 0, world: int = 1,
+                  num_workers: int = 0, pin_memory: bool = False) -> Iterator[torch.Tensor]:
+    """Endless (B, 3, S, S) batches for this rank, from step `start_step` on: sample indices
+    (step * world + rank) * B ... + B - 1, decoded by `num_workers` worker processes."""
 
     def indices():
         step = start_step
@@ -186,5 +242,5 @@ def train_batches(dataset: TrainCrops, batch_size: int, start_step: int, rank: i
             step += 1
 
     loader = DataLoader(dataset, batch_size=batch_size, sampler=indices(), num_workers=num_workers,
-                        persistent_workers=num_workers > 0)
+                        persistent_workers=num_workers > 0, pin_memory=pin_memory)
     return iter(loader)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -16,15 +17,18 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .config import Config
-from .data import TrainCrops, heldout_tiles, load_sources, train_batches
-from .evaluation import evaluate_images, save_grid
+from .data import (TRAIN_CROPS, Skipped, folder_images, heldout_tiles, list_images, load_sources, train_batches,
+                   training_crops)
+from .evaluation import evaluate_files, evaluate_images, save_grid
 from .io import truncate_log
 from .losses.loss import ReconstructionLoss
 from .metrics import CodeCounter, psnr, steady_step_time
 from .models import build_model
-from .schedule import lr_factor
+from .quantizers.bridge import resolve_bridge
+from .schedule import SCHEDULES, lr_factor
 
 MIN_TOKENS_PER_CODE = 10  # usage_train is also reported at this density
+VAL_CROPS = ("center", "resize", "tiles")
 
 
 def train(cfg: Config, resume: bool = False, stop_at: int | None = None) -> dict | None:
@@ -45,6 +49,9 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {str(ckpt_path)!r}; run without --resume to start")
         state = checkpoint.load(ckpt_path)
+    sources = load_sources(cfg.data)
+    cfg = resolve_run(cfg, d.world, len(sources))
+    peak_scale = cfg.batch_size * d.world / cfg.lr_base_batch if cfg.lr_base_batch else 1.0
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, from_checkpoint=state is not None).to(d.device)
     if state is not None:
@@ -76,9 +83,8 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and d.device.type == "cuda"
                 else nullcontext())
 
-    sources = load_sources(cfg.data)
-    batches = train_batches(TrainCrops(sources, cfg.image_size, cfg.seed), cfg.batch_size, step, d.rank, d.world,
-                            cfg.num_workers)
+    batches = train_batches(training_crops(sources, cfg.image_size, cfg.seed, cfg.train_crops), cfg.batch_size, step,
+                            d.rank, d.world, cfg.num_workers, pin_memory=d.device.type == "cuda")
     if d.main:
         truncate_log(out / "log.jsonl", step)
     window = CodeCounter(cfg.quantizer.codebook_size, d.device)
@@ -89,7 +95,8 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
     model.train()
     while step < last:
         started = time.perf_counter()
-        lr = cfg.lr * lr_factor(step, cfg.steps, cfg.schedule, cfg.warmup, cfg.decay_start, cfg.final_lr_ratio)
+        factor = peak_scale * lr_factor(step, cfg.steps, cfg.schedule, cfg.warmup, cfg.decay_start, cfg.final_lr_ratio)
+        lr = cfg.lr * factor
         for group in optimizer.param_groups:
             group["lr"] = lr
         x = next(batches).to(d.device, non_blocking=True)
@@ -106,11 +113,15 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
         optimizer.step()
         if ema is not None:
             ema.update_parameters(model)
-        if criterion.adversarial(step):
+        if criterion.discriminator is not None:  # every step, at weight 0 before disc_start, as LlamaGen and FVQ do
             with autocast:
                 d_loss = crit("discriminator", x, recon.float(), step)
             disc_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(criterion.discriminator.parameters(), cfg.grad_clip)
+            for group in disc_optimizer.param_groups:
+                group["lr"] = cfg.loss.disc_lr * factor
             disc_optimizer.step()
         window.add(quant.indices)
         window_psnr.append(psnr(recon.detach(), x).mean())
@@ -136,6 +147,32 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
     return _final_evaluation(cfg, model if ema is None else ema.module, sources, d, step_times)
 
 
+def resolve_run(cfg: Config, world: int, num_images: int) -> Config:
+    """The concrete run of `cfg` on `world` processes over `num_images` training images, as a copy:
+    an "auto" bridge named, a global batch split over the processes, epochs counted in steps (FVQ's
+    len(loader): DistributedSampler's share per rank, whole batches only). Bad values fail here,
+    before any work."""
+    cfg = copy.deepcopy(cfg)
+    for key, value, allowed in (("schedule", cfg.schedule, SCHEDULES), ("train_crops", cfg.train_crops, TRAIN_CROPS),
+                                ("val_crop", cfg.val_crop, VAL_CROPS)):
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r}: expected one of {list(allowed)}")
+    if cfg.quantizer.name == "bridge":
+        cfg.quantizer.bridge = resolve_bridge(cfg.quantizer.bridge, cfg.quantizer.codebook_size)
+    if cfg.global_batch_size:
+        if cfg.global_batch_size % world:
+            raise ValueError(f"global_batch_size={cfg.global_batch_size} does not split evenly over {world} "
+                             f"processes: choose a multiple of {world}, or set the per-process --batch-size")
+        cfg.batch_size = cfg.global_batch_size // world
+    if cfg.epochs:
+        per_epoch = math.ceil(num_images / world) // cfg.batch_size
+        if per_epoch == 0:
+            raise ValueError(f"epochs={cfg.epochs}: the {num_images} training images hold no whole batch of "
+                             f"{cfg.batch_size * world}; pass --steps N, or --data with more images")
+        cfg.steps = cfg.epochs * per_epoch
+    return cfg
+
+
 def usage_marks(cfg: Config) -> list[int]:
     """How many fresh crops usage_train counts at: 10 tokens per code and cfg.eval_tokens_per_code
     (or cfg.eval_crops alone when set), ascending."""
@@ -150,7 +187,7 @@ def usage_on_fresh_crops(cfg: Config, model, sources, d: distributed.Dist) -> li
     training never used), at each of usage_marks(cfg), counted across ranks (crop i on rank i % world).
     -> [{"tokens_per_code", "num_tokens", "usage"}], densest last."""
     k, per_crop = cfg.quantizer.codebook_size, tokens_per_crop(cfg)
-    fresh = TrainCrops(sources, cfg.image_size, cfg.seed + 1)
+    fresh = training_crops(sources, cfg.image_size, cfg.seed + 1, cfg.train_crops)
     counter, done, curve = CodeCounter(k, d.device), 0, []
     with torch.no_grad():
         for mark in usage_marks(cfg):
@@ -182,11 +219,25 @@ def _state(cfg, model, ema, optimizer, criterion, disc_optimizer, step) -> dict:
 
 def _final_evaluation(cfg: Config, model, sources, d: distributed.Dist, step_times: list[float]) -> dict | None:
     """metrics.json (held-out usage/PSNR, usage over fresh training crops, step time) and a grid,
-    of `model` (the EMA weights when the run keeps them)."""
+    of `model` (the EMA weights when the run keeps them). Held out: cfg.val_data's images, else the
+    split's held-out tiles; "resize" crops without val_data leave nothing held out."""
     model.eval()
-    heldout = heldout_tiles(sources, cfg.image_size)
     cheap = {"lpips_net": "", "fid": False}  # LPIPS and rFID: train/evaluate.py
-    metrics = evaluate_images(model, heldout[d.rank::d.world], cfg.batch_size, d.device, **cheap).result()
+    if cfg.val_data:
+        files = list_images(cfg.val_data)
+        evaluator = evaluate_files(model, files[d.rank::d.world], cfg.image_size, cfg.val_crop, cfg.batch_size,
+                                   d.device, progress=d.main, **cheap)[0]
+        metrics = evaluator.result() | {"heldout": f"{cfg.val_data}: {cfg.val_crop} crops of {cfg.image_size} px"}
+        preview = torch.cat(list(folder_images(files[:16], cfg.image_size, cfg.val_crop, Skipped())))[:16]
+    elif cfg.train_crops == "split":
+        heldout = heldout_tiles(sources, cfg.image_size)
+        metrics = evaluate_images(model, heldout[d.rank::d.world], cfg.batch_size, d.device, **cheap).result()
+        metrics["heldout"] = f"non-overlapping {cfg.image_size} px tiles of the right quarter of each training image"
+        preview = heldout[:16]
+    else:
+        metrics = {"heldout": "none: training crops cover whole images; set val_data (--val-data DIR) to evaluate"}
+        fresh = training_crops(sources, cfg.image_size, cfg.seed + 1, cfg.train_crops)
+        preview = torch.stack([fresh[i] for i in range(16)])
     usage_train = usage_on_fresh_crops(cfg, model, sources, d)
     if not d.main:
         return None
@@ -198,6 +249,6 @@ def _final_evaluation(cfg: Config, model, sources, d: distributed.Dist, step_tim
     out = Path(cfg.out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     with torch.no_grad():
-        x = heldout[:16].to(d.device)
+        x = preview.to(d.device)
         save_grid(out / "reconstructions.png", x, model(x)[0])
     return metrics

@@ -3,8 +3,10 @@ its own). Each term is off at weight 0, and a term that is off is never computed
 
 Called as one module in two modes, so that DDP can wrap it when it holds a discriminator:
     loss, stats = criterion("generator", x, recon, step)
-    loss = criterion("discriminator", x, recon, step)      # only when criterion.adversarial(step)
-Images are (B, 3, H, W) in [-1, 1].
+    loss = criterion("discriminator", x, recon, step)      # disc_weight x hinge, 0 x hinge before disc_start
+Images are (B, 3, H, W) in [-1, 1]. As in LlamaGen's and FVQ's VQLoss, the discriminator's loss carries
+disc_weight too, and it is computed (at weight 0) before disc_start, so that its optimiser steps from
+the start.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class ReconstructionLoss(nn.Module):
             return self._generator(x, recon, step)
         from .discriminator import hinge_d_loss
 
-        return hinge_d_loss(self.discriminator(x), self.discriminator(recon.detach()))
+        weight = self.cfg.disc_weight if self.adversarial(step) else 0.0
+        return weight * hinge_d_loss(self.discriminator(x), self.discriminator(recon.detach()))
 
     def _generator(self, x: torch.Tensor, recon: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
