@@ -74,7 +74,7 @@ def test_fvq_checkpoint_converts_exactly(tmp_path, name, dit):
     origin = state["converted_from"]
     assert origin["weights"] == "'ema'" and "quantize.codebook_used" in origin["dropped"]
     assert origin["bridge"]["kind"] == ("DiT" if dit else "ViT") and origin["bridge"]["name"] == name
-    assert origin["bridge"]["heads"] == 4 and origin["bridge"]["pos_embed"] == dit
+    assert origin["bridge"]["heads"] == 4
 
     crops = photo_crops()
     latents = ref.latents(sd, to_input(crops))
@@ -97,8 +97,8 @@ def test_a_class_conditional_dit_bridge_uses_label_0(tmp_path):
     want = fvq.codebook(sd, "QBridge-L/4")
     torch.testing.assert_close(state["model"]["quantize.embedding.weight"], want, rtol=1e-5,
                                atol=1e-5 * float(want.abs().max()))
-    assert state["converted_from"]["bridge"]["condition"] == "class 0 of 1001 label embeddings"
-    assert "class 0 of 1001" in interop.describe(state)
+    assert state["converted_from"]["bridge"]["condition"] == "label 0 of 1001 label embeddings"
+    assert "label 0 of 1001" in interop.describe(state)
 
 
 def test_heads_are_not_in_the_shapes(tmp_path):
@@ -147,3 +147,20 @@ def test_export_command_takes_an_fvq_training_checkpoint(tmp_path):
     codebook = np.load(tmp_path / "onnx" / "codebook.npy")
     want = fvq.codebook(sd, "QBridge-L/4").numpy()
     np.testing.assert_allclose(codebook, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_the_trainable_dit_bridge_starts_as_fvqs():
+    """fullvq's kind="dit" bridge with FVQ's initialisation: the sin-cos positions of qbridge.py, every
+    adaLN modulation and the head at zero (so the codebook starts at zero), the condition ~ N(0, 0.02)."""
+    from fullvq.config import QuantizerConfig
+    from fullvq.quantizers import build_quantizer
+
+    torch.manual_seed(0)
+    q = build_quantizer(QuantizerConfig(name="bridge", codebook_size=K, codebook_dim=DIM, bridge="L/4",
+                                        bridge_kind="dit", bridge_init="fvq", bridge_head_init_std=0.0))
+    b = q.bridge
+    torch.testing.assert_close(b.pos_embed[0], fvq.sincos_pos_embed(256, 8), rtol=0, atol=1e-6)
+    assert not b.pos_embed.requires_grad and "pos_embed" in b.state_dict()
+    assert all(not m.modulation.weight.any() and not m.modulation.bias.any() for m in b.blocks)
+    assert not b.final_modulation.weight.any() and float(b.condition.detach().std()) == pytest.approx(0.02, rel=0.2)
+    assert not q.codebook().any()

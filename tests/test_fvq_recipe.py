@@ -45,7 +45,8 @@ def test_fvq_preset_is_fvqs_recipe():
     assert cfg.model == preset("vq16").model and cfg.model.ch_mult == (1, 1, 2, 2, 4) and cfg.image_size == 256
     q = cfg.quantizer
     assert (q.name, q.codebook_size, q.codebook_dim, q.l2_norm, q.beta) == ("bridge", 16384, 256, False, 0.25)
-    assert (q.bridge, q.bridge_init, q.bridge_head_init_std, q.bridge_ln_eps) == ("auto", "fvq", 0.0, 1e-6)
+    assert (q.bridge, q.bridge_kind, q.bridge_init, q.bridge_head_init_std, q.bridge_ln_eps) == (
+        "auto", "dit", "fvq", 0.0, 1e-6)
     assert (cfg.lr, cfg.lr_base_batch, cfg.global_batch_size, cfg.epochs) == (1e-4, 128, 128, 40)
     assert (cfg.betas, cfg.weight_decay, cfg.grad_clip, cfg.ema_decay) == ((0.9, 0.95), 0.0, 1.0, 0.0)
     assert (cfg.schedule, cfg.warmup, cfg.decay_start, cfg.final_lr_ratio) == ("fvq", 0.1, 0.3, 0.01)

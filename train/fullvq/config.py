@@ -40,6 +40,7 @@ class QuantizerConfig:
     entropy_temperature: float = 0.01
     ema_decay: float = 0.99          # ema quantizer
     bridge: str = "auto"
+    bridge_kind: str = "vit"         # "vit": FVQ's ViT bridge (the paper's); "dit": the DiT bridge its scripts train
     bridge_init: str = "fullvq"      # "fvq": FVQ's (raw codes uniform in +-1/K, xavier layers); "fullvq": N(0, 1) codes
     bridge_head_init_std: float = 1e-3  # 0 = FVQ's exact zero start of the last layer (ties every code at step 0)
     bridge_ln_eps: float = 1e-6      # FVQ's; checkpoints of fullvq 0.1 (PyTorch's default 1e-5) keep theirs
@@ -123,8 +124,9 @@ def _fvq() -> Config:
     """FVQ's ImageNet recipe: scripts/recon/FVQ-{16384,65536,262144}.sh running
     tokenizer/tokenizer_image/vq_train_qbridge_lr.py (docs/training.md names the source of each value).
 
-    LlamaGen VQ-16 with 256-dimensional codes, no l2 normalisation; the bridge FVQ's scripts pick for K
-    (L/4 at 16,384 codes, L/8 at 65,536 and 262,144) with FVQ's initialisation and a zero last layer;
+    LlamaGen VQ-16 with 256-dimensional codes, no l2 normalisation; the bridge FVQ's scripts train
+    (the DiT bridge of qbridge.py, --is_uncondition: one learned condition) of the size they pick for
+    K (L/4 at 16,384 codes, L/8 at 65,536 and 262,144), with FVQ's initialisation and a zero last layer;
     Adam (0.9, 0.95) without weight decay at 1e-4 x global batch / 128, global batch 128, 40 epochs,
     gradients clipped at 1 (generator and discriminator); its 'lin' schedule (4 warm-up epochs from
     0.5% of the peak, hold for 30% of the rest, linear decay to 1%) for both optimisers; L2 pixel +
@@ -136,7 +138,8 @@ def _fvq() -> Config:
         weight_decay=0.0, schedule="fvq", warmup=0.1, decay_start=0.3, final_lr_ratio=0.01, grad_clip=1.0,
         train_crops="resize", val_crop="center", num_workers=8,
         model=ModelConfig(),
-        quantizer=QuantizerConfig(codebook_dim=256, bridge="auto", bridge_init="fvq", bridge_head_init_std=0.0),
+        quantizer=QuantizerConfig(codebook_dim=256, bridge="auto", bridge_kind="dit", bridge_init="fvq",
+                                  bridge_head_init_std=0.0),
         loss=LossConfig(perceptual_weight=1.0, disc_weight=0.5, disc_start=19_999, disc_lr=1e-4),
         log_every=100, ckpt_every=10_000,
     )

@@ -26,7 +26,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint
 from .config import ModelConfig, QuantizerConfig, preset
@@ -41,7 +40,7 @@ LLAMAGEN_NORM_GROUPS = 32
 LLAMAGEN_IMAGE_SIZE = 256
 
 # FVQ's ViT bridge (qbridge_ViT.py's VQBridge) -> fullvq's VQBridge, per block i; its LayerNorms have no
-# weights. The DiT bridge (qbridge.py) has these too, plus FVQ_DIT_KEYS and a fixed sin-cos pos_embed.
+# weights. The DiT bridge (qbridge.py) has these too, plus FVQ_DIT_KEYS and a stored pos_embed.
 FVQ_VIT_KEYS = {
     "x_embedder.proj": "patch_embed",
     "blocks.{i}.attn.qkv": "blocks.{i}.qkv",
@@ -50,9 +49,11 @@ FVQ_VIT_KEYS = {
     "blocks.{i}.mlp.fc2": "blocks.{i}.mlp.2",
     "final_layer.linear": "head",
 }
-FVQ_DIT_KEYS = ("y_embedder.embedding_table.weight", "blocks.{i}.adaLN_modulation.1.weight",
-                "blocks.{i}.adaLN_modulation.1.bias", "final_layer.adaLN_modulation.1.weight",
-                "final_layer.adaLN_modulation.1.bias")
+FVQ_DIT_KEYS = {
+    "y_embedder.embedding_table": "condition",  # the weight alone, its row 0
+    "blocks.{i}.adaLN_modulation.1": "blocks.{i}.modulation",
+    "final_layer.adaLN_modulation.1": "final_modulation",
+}
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict]:
@@ -143,19 +144,23 @@ def _bridge_kind(keys: set[str], dit: bool) -> str:
 def bake_fvq_bridge(sd: dict, heads: int | None = None, qb_type: str | None = None) -> tuple[torch.Tensor, dict]:
     """(codebook (K, D) = bridge(raw codebook), what was read) from an FVQ-format state dict.
 
-    Either of FVQ's bridges: the ViT one (FVQ_VIT_KEYS) or the DiT one (FVQ_DIT_KEYS too), whose
-    adaLN modulation is folded into the linear layers it feeds (see _fold_adaln). `qb_type` is the
-    name FVQ's training arguments give (e.g. "QBridge-L/8"), checked against the tensor shapes;
-    `heads` overrides the attention heads (default: 4, as in every FVQ config). Computed in float64.
+    Either of FVQ's bridges, loaded into fullvq's VQBridge of the same kind: the ViT one
+    (FVQ_VIT_KEYS) or the DiT one (FVQ_DIT_KEYS too; its condition is label 0's embedding, as FVQ's
+    inference passes no label, and its pos_embed is used as stored). `qb_type` is the name FVQ's
+    training arguments give (e.g. "QBridge-L/8"), checked against the tensor shapes; `heads`
+    overrides the attention heads (default: 4, as in every FVQ config). Computed in float64.
     """
     raw = sd["quantize.embedding.weight"]
     bridge = {k[len(BRIDGE_PREFIX):]: v for k, v in sd.items() if k.startswith(BRIDGE_PREFIX)}
     dit = any("adaLN_modulation" in k for k in bridge)
     depth = _count(bridge, "blocks.")
-    params = [f"{key}.{p}" for key in FVQ_VIT_KEYS for p in ("weight", "bias")] + list(FVQ_DIT_KEYS if dit else ())
-    expected = {key.format(i=i) for key in params for i in range(depth if "{i}" in key else 1)}
-    unknown = sorted(set(bridge) - expected - {"pos_embed"})
-    missing = sorted(expected - set(bridge) | ({"pos_embed"} - set(bridge) if dit else set()))
+    names = {**FVQ_VIT_KEYS, **(FVQ_DIT_KEYS if dit else {})}
+    expected = {f"{fvq.format(i=i)}.{p}": f"{ours.format(i=i)}.{p}" for fvq, ours in names.items()
+                for i in range(depth if "{i}" in fvq else 1) for p in ("weight", "bias")}
+    if dit:
+        del expected["y_embedder.embedding_table.bias"]
+        expected.update({"y_embedder.embedding_table.weight": "condition", "pos_embed": "pos_embed"})
+    unknown, missing = sorted(set(bridge) - set(expected)), sorted(set(expected) - set(bridge))
     if unknown or missing:
         raise ValueError(f"--from fvq reads FVQ's ViT bridge (quantize.qbridge.{{x_embedder.proj, blocks.N.attn.qkv/"
                          f"proj, blocks.N.mlp.fc1/fc2, final_layer.linear}}) and its DiT bridge (those, pos_embed, "
@@ -165,30 +170,22 @@ def bake_fvq_bridge(sd: dict, heads: int | None = None, qb_type: str | None = No
     mlp_width = bridge["blocks.0.mlp.fc1.weight"].shape[0] if depth else 2 * width
     name = _check_qb_type(qb_type, width, depth, patch, mlp_width) if qb_type else None
     heads = heads or FVQ_HEADS
-    module = VQBridge(raw.shape[0], dim, width, depth, heads, patch, mlp_width=mlp_width).double()
-    weights = {f"{ours.format(i=i)}.{p}": bridge[f"{fvq.format(i=i)}.{p}"].double()
-               for fvq, ours in FVQ_VIT_KEYS.items() for i in range(depth if "{i}" in fvq else 1)
-               for p in ("weight", "bias")}
-    if dit:
-        _fold_adaln(weights, bridge, depth)
-    if "pos_embed" in bridge:
-        tokens = (module.side // patch) ** 2
-        if bridge["pos_embed"].numel() != tokens * width:
-            raise ValueError(f"quantize.qbridge.pos_embed has shape {tuple(bridge['pos_embed'].shape)}; the bridge "
-                             f"has {tokens} tokens of width {width}")
-        module.pos_embed = torch.empty(1, tokens, width, dtype=torch.float64)
-        weights["pos_embed"] = bridge["pos_embed"].reshape(1, tokens, width).double()
     try:
+        module = VQBridge(raw.shape[0], dim, width, depth, heads, patch, mlp_width=mlp_width,
+                          kind="dit" if dit else "vit").double()
+        weights = {ours: bridge[fvq].double() for fvq, ours in expected.items()}
+        if dit:  # FVQ's inference embeds label 0 (no label given, no dropout)
+            weights["condition"] = weights["condition"][:1]
         module.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ValueError(f"the FVQ bridge's tensors do not fit a ViT bridge of width {width}, depth {depth}, patch "
-                         f"{patch}: {e}") from None
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"the FVQ bridge's tensors do not fit a {'DiT' if dit else 'ViT'} bridge of width {width}, "
+                         f"depth {depth}, patch {patch}, {heads} heads: {e}") from None
     with torch.no_grad():
         codebook = module.eval()(raw.double()).float()
     read = {"kind": "DiT" if dit else "ViT", "name": name, "width": width, "depth": depth, "heads": heads,
-            "patch": patch, "mlp_width": mlp_width, "pos_embed": "pos_embed" in bridge}
+            "patch": patch, "mlp_width": mlp_width}
     if dit:
-        read["condition"] = f"class 0 of {len(bridge['y_embedder.embedding_table.weight'])} label embeddings"
+        read["condition"] = f"label 0 of {len(bridge['y_embedder.embedding_table.weight'])} label embeddings"
     return codebook, read
 
 
@@ -204,34 +201,6 @@ def _check_qb_type(qb_type: str, width: int, depth: int, patch: int, mlp_width: 
                          f"patch {named.patch}), but its bridge tensors have width {width}, depth {depth}, patch "
                          f"{patch}, MLP {mlp_width}: the file is inconsistent")
     return qb_type
-
-
-def _fold_adaln(weights: dict, bridge: dict, depth: int) -> None:
-    """Folds the DiT bridge's adaLN-Zero modulation, constant for FVQ's fixed condition (class 0:
-    FVQ's inference embeds label 0 without dropout), into the linear layers around it (float64):
-    Linear(LN(x) * (1 + scale) + shift) = Linear'(LN(x)) and gate * Linear(h) = Linear''(h), per block
-    (shift, scale, gate before attention and MLP) and before the head (shift, scale)."""
-    condition = F.silu(bridge["y_embedder.embedding_table.weight"][0].double())
-
-    def modulation(prefix: str, parts: int):
-        return (bridge[f"{prefix}.weight"].double() @ condition + bridge[f"{prefix}.bias"].double()).chunk(parts)
-
-    def scale_input(layer: str, shift, scale) -> None:
-        w, b = weights[f"{layer}.weight"], weights[f"{layer}.bias"]
-        weights[f"{layer}.weight"], weights[f"{layer}.bias"] = w * (1 + scale), b + w @ shift
-
-    def gate_output(layer: str, gate) -> None:
-        weights[f"{layer}.weight"], weights[f"{layer}.bias"] = gate[:, None] * weights[f"{layer}.weight"], \
-            gate * weights[f"{layer}.bias"]
-
-    for i in range(depth):
-        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = modulation(f"blocks.{i}.adaLN_modulation.1", 6)
-        scale_input(f"blocks.{i}.qkv", shift_attn, scale_attn)
-        gate_output(f"blocks.{i}.proj", gate_attn)
-        scale_input(f"blocks.{i}.mlp.0", shift_mlp, scale_mlp)
-        gate_output(f"blocks.{i}.mlp.2", gate_mlp)
-    shift, scale = modulation("final_layer.adaLN_modulation.1", 2)
-    scale_input("head", shift, scale)
 
 
 def _check_keys(expected: dict[str, torch.Tensor], sd: dict) -> None:

@@ -28,7 +28,8 @@ def _build_one(cfg: QuantizerConfig, centres=None):
     if cfg.name == "simvq":
         return SimVQ(k, d, **common)
     if cfg.name == "bridge":
-        return BridgeQuantizer(k, d, cfg.bridge, cfg.bridge_head_init_std, cfg.bridge_init, cfg.bridge_ln_eps, **common)
+        return BridgeQuantizer(k, d, cfg.bridge, cfg.bridge_head_init_std, cfg.bridge_init, cfg.bridge_ln_eps,
+                               cfg.bridge_kind, **common)
     if cfg.name == "lc":
         return LCQuantizer(k, d, cfg.lc_feature_dim, centres, **common)
     raise ValueError(f"unknown quantizer {cfg.name!r}: expected one of vq, ema, fc, lc, simvq, bridge")
