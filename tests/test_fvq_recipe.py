@@ -128,6 +128,16 @@ def test_fvq_preset_trains_on_an_imagenet_style_folder(tmp_path, imagenet_style)
     assert str(val_dir) in metrics["heldout"] and "center crops" in metrics["heldout"]
 
 
+def test_a_missing_val_folder_fails_before_training(tmp_path):
+    from fullvq.trainer import train
+
+    cfg = preset("tiny")
+    cfg.out, cfg.val_data = str(tmp_path / "run"), str(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="--val-data .*nope' is not a folder"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_version_1_checkpoints_rebuild_the_bridge_they_were_trained_with(tmp_path):
     """fullvq 0.1 called a 128-wide, 2-head, eps-1e-5 bridge "XS/4"; its checkpoints still load as that."""
     cfg = preset("tiny")

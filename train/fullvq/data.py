@@ -12,11 +12,10 @@ workers, any number of ranks and a resumed run all see the same crops.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import math
 
 import numpy as np
 import torch

@@ -8,6 +8,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -51,6 +52,8 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
         state = checkpoint.load(ckpt_path)
     sources = load_sources(cfg.data)
     cfg = resolve_run(cfg, d.world, len(sources))
+    if cfg.val_data and not Path(cfg.val_data).is_dir():
+        raise FileNotFoundError(f"--val-data {cfg.val_data!r} is not a folder: pass a folder of held-out images")
     peak_scale = cfg.batch_size * d.world / cfg.lr_base_batch if cfg.lr_base_batch else 1.0
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, from_checkpoint=state is not None).to(d.device)
@@ -228,7 +231,10 @@ def _final_evaluation(cfg: Config, model, sources, d: distributed.Dist, step_tim
         evaluator = evaluate_files(model, files[d.rank::d.world], cfg.image_size, cfg.val_crop, cfg.batch_size,
                                    d.device, progress=d.main, **cheap)[0]
         metrics = evaluator.result() | {"heldout": f"{cfg.val_data}: {cfg.val_crop} crops of {cfg.image_size} px"}
-        preview = torch.cat(list(folder_images(files[:16], cfg.image_size, cfg.val_crop, Skipped())))[:16]
+        crops = list(islice(folder_images(files, cfg.image_size, cfg.val_crop, Skipped()), 16))
+        if not crops:
+            raise ValueError(f"--val-data {cfg.val_data!r} holds no readable image of at least {cfg.image_size} px")
+        preview = torch.cat(crops)[:16]
     elif cfg.train_crops == "split":
         heldout = heldout_tiles(sources, cfg.image_size)
         metrics = evaluate_images(model, heldout[d.rank::d.world], cfg.batch_size, d.device, **cheap).result()
