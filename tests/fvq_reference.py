@@ -48,7 +48,8 @@ def layout(name: str, codebook_size: int, dim: int, dit: bool, num_labels: int =
     width, patch, depth = config(name)
     tokens = codebook_size // patch**2
     shapes = {"x_embedder.proj.weight": (width, dim, patch, patch), "x_embedder.proj.bias": (width,),
-              "final_layer.linear.weight": (patch * patch * dim, width), "final_layer.linear.bias": (patch * patch * dim,)}
+              "final_layer.linear.weight": (patch * patch * dim, width),
+              "final_layer.linear.bias": (patch * patch * dim,)}
     for i in range(depth):
         for layer, (out, inp) in {"attn.qkv": (3 * width, width), "attn.proj": (width, width),
                                   "mlp.fc1": (2 * width, width), "mlp.fc2": (width, 2 * width)}.items():

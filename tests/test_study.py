@@ -58,4 +58,5 @@ def test_quick_study_runs_and_resumes(tmp_path):
     assert other.returncode != 0 and "use another --out" in other.stderr
     result_file.write_text(json.dumps(full | {"bridge": "W128-H2-D2/8"}))  # a run of another bridge
     other = subprocess.run(args(), capture_output=True, text=True, timeout=900)
-    assert other.returncode != 0 and "holds a finished run of the bridge W128-H2-D2/8, this study trains B/8" in other.stderr
+    assert other.returncode != 0
+    assert "holds a finished run of the bridge W128-H2-D2/8, this study trains B/8" in other.stderr

@@ -70,7 +70,7 @@ class Config:
     train_crops: str = "split"       # "split": crops of each image's left 3/4 (its right 1/4 is held out);
                                      # "resize": LlamaGen/FVQ's random_crop_arr + flip over whole images
     val_data: str = ""               # held-out folder for the final evaluation ("" = the split's held-out tiles)
-    val_crop: str = "center"         # of val_data: "center" (FVQ's eval: no resize), "resize" (short side first), "tiles"
+    val_crop: str = "center"         # of val_data: "center" (FVQ's: no resize), "resize" (short side first), "tiles"
     image_size: int = 32
     batch_size: int = 32             # per process
     global_batch_size: int = 0       # > 0: split over the processes, replacing batch_size
@@ -82,7 +82,8 @@ class Config:
     lr_base_batch: int = 0           # > 0: the peak lr is lr x global batch / lr_base_batch (FVQ: 128)
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
-    schedule: str = "anneal"         # "anneal" (FVQ's learning annealing), "fvq" (its script's exact 'lin'), "cosine", "constant"
+    schedule: str = "anneal"         # "anneal" (FVQ's learning annealing), "fvq" (its script's 'lin'), "cosine",
+                                     # "constant"
     warmup: float = 0.05             # fractions of `steps`
     decay_start: float = 0.5         # ("fvq": of the steps after warm-up, FVQ's lrT)
     final_lr_ratio: float = 0.01

@@ -113,7 +113,8 @@ def check_comparable(plan: Plan, result: dict) -> None:
     if result["steps"] != plan.steps:
         raise StudyError(f"{folder} holds a finished {result['steps']}-step run, this study asks for {plan.steps} "
                          f"steps: use another --out (runs of different budgets are not comparable)")
-    if result["quantizer"] == "bridge" and result.get("bridge") != (want := planned_bridge(plan, result["codebook_size"])):
+    want = planned_bridge(plan, result["codebook_size"]) if result["quantizer"] == "bridge" else None
+    if result.get("bridge") != want:
         raise StudyError(f"{folder} holds a finished run of the bridge {result.get('bridge')}, this study trains "
                          f"{want}: use another --out, or move that folder away to train it anew")
 
