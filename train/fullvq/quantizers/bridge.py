@@ -10,7 +10,7 @@ kind "dit" that of `qbridge.py`, the DiT variant FVQ's training scripts run (see
 
 Names (`parse_bridge`) are FVQ's, as qbridge_ViT.py defines them: SIZE/PATCH[-dDEPTH], optionally
 spelled "QBridge-L/8". XS, S, B, L, XL are 4 attention heads of 8, 16, 32, 64, 128 channels (width
-32 to 512), depth 2 unless -d1 or -d4, MLP 2x the width, patch 2, 4 or 8. FVQ's dictionary lists 20
+32 to 512), depth 2 unless -d1 or -d4, MLP 2x the width, patch 2, 4 or 8. FVQ's dictionary lists 19
 of these 45 combinations; the others follow the same arithmetic. Any other shape is spelled out as
 W{width}-H{heads}-D{depth}/{patch} (MLP 2x the width), e.g. "W128-H4-D2/16", which cannot be read
 as an FVQ name. "auto" is FVQ's own choice for K (`fvq_bridge_for`).
