@@ -58,12 +58,10 @@ def run_config(plan: Plan, quantizer: str, k: int) -> Config:
     cfg = preset("tiny")
     cfg.quantizer.name, cfg.quantizer.codebook_size, cfg.steps = quantizer, k, plan.steps
     cfg.data, cfg.out, cfg.eval_tokens_per_code = plan.data, str(plan.run_dir(quantizer, k)), plan.tokens_per_code(k)
-    if quantizer == "bridge":
-        cfg.quantizer.bridge = bridge_for(k)
     for assignment in plan.overrides:
         apply_override(cfg, assignment)
     if quantizer == "bridge":
-        cfg.quantizer.bridge = resolve_bridge(cfg.quantizer.bridge, k)
+        cfg.quantizer.bridge = planned_bridge(plan, k)
     if quantizer == "lc":
         cfg.quantizer.lc_codebook = str(lc_codebook(plan, k, cfg.data))
     return cfg
