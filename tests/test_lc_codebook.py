@@ -106,6 +106,43 @@ def test_kmeans_needs_at_least_k_features():
         lc.kmeans(torch.tensor([[0.0], [float("nan")]]), 1)
 
 
+def _sse(x: torch.Tensor, centres: torch.Tensor) -> float:
+    """Quantisation error: the sum of squared distances from each point to its nearest centre."""
+    assign = torch.from_numpy(fullvq_rt.nearest(x.numpy(), centres.numpy())).long()
+    return float(((x - centres[assign]).double() ** 2).sum())
+
+
+def test_two_level_kmeans_is_as_good_as_flat():
+    # 200 blobs of different spreads in 16-d, 1024 centres: two-level must be a real k-means of
+    # the features, its error within a few percent of Lloyd's over all centres at once
+    g = torch.Generator().manual_seed(0)
+    means = 3 * torch.randn(200, 16, generator=g)
+    x = means[torch.randint(200, (20_000,), generator=g)]
+    x += torch.randn(x.shape, generator=g) * torch.rand(len(x), 1, generator=g)
+    flat = lc.kmeans(x, 1024, iters=20)
+    two_level = lc.two_level_kmeans(x, 1024, iters=20)
+    assert two_level.shape == (1024, 16) and len(torch.unique(two_level, dim=0)) == 1024
+    assert _sse(x, two_level) <= 1.03 * _sse(x, flat)
+    assert _sse(x, two_level) < 0.5 * _sse(x, lc.kmeans(x, 32, iters=20))  # far below its coarse level's
+
+
+def test_two_level_kmeans_with_one_coarse_cluster_is_flat_kmeans():
+    x, _, _ = _blobs(n_per=30, k=10, dim=5, seed=1)
+    assert torch.equal(lc.two_level_kmeans(x, 16, coarse=1, iters=10, seed=3), lc.kmeans(x, 16, iters=10, seed=4))
+    assert torch.equal(lc.two_level_kmeans(x, 16, iters=10, seed=3), lc.two_level_kmeans(x, 16, iters=10, seed=3))
+
+
+def test_two_level_kmeans_splits_k_in_proportion_to_cluster_sizes():
+    assert lc._proportional_shares(torch.tensor([5, 3, 2, 0]), 7).tolist() == [4, 2, 1, 0]  # 3.5, 2.1, 1.4, 0
+    assert lc._proportional_shares(torch.tensor([5, 3, 2]), 10).tolist() == [5, 3, 2]  # k = N: every point
+    # three blobs of 100, 60 and 40 points, 20 centres: 10, 6 and 4 land in them
+    x = torch.cat([torch.randn(n, 2) * 0.1 + 100 * i for i, n in enumerate((100, 60, 40))])
+    centres = lc.two_level_kmeans(x, 20, coarse=3)
+    assert torch.bincount((centres[:, 0] / 100).round().long()).tolist() == [10, 6, 4]
+    with pytest.raises(ValueError, match=r"at least k=300 .*got N=200"):
+        lc.two_level_kmeans(x, 300)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kmeans_on_cuda_matches_cpu():
@@ -178,7 +215,8 @@ def test_build_lc_codebook_writes_a_weights_only_file(encoder, image_folder, tmp
     assert "broken.jpg" in caplog.text  # reported and skipped
 
     loaded = torch.load(out, weights_only=True)
-    assert set(loaded) == {"codebook", "encoder", "feature_dim", "num_features", "format", "version"}
+    assert set(loaded) == {"codebook", "encoder", "feature_dim", "num_features", "kmeans", "format", "version"}
+    assert loaded["kmeans"] == "flat"  # "auto": a few thousand FLOP
     assert loaded["codebook"].shape == (8, 112) and loaded["codebook"].dtype == torch.float32
     assert loaded["encoder"] == "efficientnet-lite0" and loaded["feature_dim"] == 112
     assert loaded["num_features"] == 3 * 2 * 4 * 4  # images x crops x (64 / 16)^2
@@ -221,7 +259,9 @@ def test_cli(image_folder, tmp_path, capsys):
     args = ["--codebook-size", "4", "--data", str(image_folder), "--out", str(out), "--encoder", "efficientnet-lite0",
             "--crops-per-image", "1", "--crop-size", "32", "--iters", "3", "--device", "cpu"]
     assert cli.main(args) == 0
-    summary = f"wrote {out}: K=4 codes x C=112 from N=12 patch features, encoder efficientnet-lite0"
+    summary = f"wrote {out}: K=4 codes x C=112 from N=12 patch features (flat k-means), encoder efficientnet-lite0"
     assert summary in capsys.readouterr().out
+    assert cli.main(args + ["--kmeans", "two-level"]) == 0
+    assert "(two-level k-means)" in capsys.readouterr().out and lc.load_codebook(out)["kmeans"] == "two-level"
     assert cli.main(["--codebook-size", "4", "--data", str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err

@@ -7,10 +7,12 @@ frozen and learns a linear projector into its latent space.
     encoder = load_feature_encoder("auto")                         # .features: (B,3,H,W) -> (B,C,h,w)
     feats = extract_patch_features(encoder, default_photos())     # (N, C)
     centres = kmeans(feats, k=16384)                               # (K, C)
+    centres = two_level_kmeans(feats, k=262144)                    # sqrt(K) coarse clusters, then within
     build_lc_codebook(None, 16384, "codebook.pt")                  # all of the above, saved
 
 Saved file (``torch.load(path, weights_only=True)``): a dict with "codebook" (K, C) float32,
-"encoder" (str), "feature_dim" C, "num_features" N, "format" "fullvq-lc-codebook", "version" 1.
+"encoder" (str), "feature_dim" C, "num_features" N, "kmeans" ("flat" or "two-level"; files before
+it have no such key), "format" "fullvq-lc-codebook", "version" 1.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ _EFFNET_MAX_STRIDE = 16  # feature stage of EfficientNet-Lite0: the last one at 
 _EFFNET_MEAN = (127.0 / 255.0,) * 3
 _EFFNET_STD = (128.0 / 255.0,) * 3
 _SUM_CHUNK_ROWS = 1 << 16  # rows per float64 partial sum of the centre update
+# "auto" clusters flat up to this cost on a CPU (about 10 minutes on 2 cores), in two levels beyond
+FLAT_KMEANS_MAX_CPU_FLOP = 5e13
+KMEANS_METHODS = ("auto", "flat", "two-level")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,6 +361,24 @@ def _kmeanspp(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
     return x[idx].clone()
 
 
+def _checked_features(features: torch.Tensor, k: int, device: str | torch.device | None) -> torch.Tensor:
+    """features (N, C) as float32 on ``device`` (default: theirs), or ValueError naming what is wrong."""
+    if features.ndim != 2 or not features.is_floating_point():
+        raise ValueError(f"features must be a float (N, C) tensor, got {features.dtype} "
+                         f"{tuple(features.shape)}")
+    n = features.shape[0]
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if n < k:
+        raise ValueError(
+            f"k-means needs at least k={k} feature vectors to find {k} centres, got N={n}: extract more "
+            f"patch features (more crops per image, more or larger images) or choose a smaller k")
+    x = features.detach().to(torch.device(device) if device is not None else features.device, torch.float32)
+    if not torch.isfinite(x).all():
+        raise ValueError("features contain NaN or Inf")
+    return x.contiguous()
+
+
 def kmeans(
     features: torch.Tensor,
     k: int,
@@ -374,22 +397,10 @@ def kmeans(
     a seed (on GPU up to float rounding; centre sums are accumulated in float64).
     ``device``: where to compute (default: the features' device).
     """
-    if features.ndim != 2 or not features.is_floating_point():
-        raise ValueError(f"features must be a float (N, C) tensor, got {features.dtype} "
-                         f"{tuple(features.shape)}")
-    n, dim = features.shape
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if n < k:
-        raise ValueError(
-            f"k-means needs at least k={k} feature vectors to find {k} centres, got N={n}: extract more "
-            f"patch features (more crops per image, more or larger images) or choose a smaller k")
     if init not in ("random", "k-means++"):
         raise ValueError(f"init must be 'random' or 'k-means++', got {init!r}")
-    device = torch.device(device) if device is not None else features.device
-    x = features.detach().to(device, torch.float32).contiguous()
-    if not torch.isfinite(x).all():
-        raise ValueError("features contain NaN or Inf")
+    x = _checked_features(features, k, device)
+    (n, dim), device = x.shape, x.device
     g = torch.Generator().manual_seed(seed)  # on the CPU, so a seed gives the same seeds everywhere
     if init == "random":
         centres = x[torch.randperm(n, generator=g)[:k].to(device)].clone()
@@ -421,6 +432,53 @@ def kmeans(
     return centres.to(features.device)
 
 
+def two_level_kmeans(
+    features: torch.Tensor,
+    k: int,
+    coarse: int | None = None,
+    iters: int = 20,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """k-means in two levels, for K too large for Lloyd's over all K centres: ``coarse`` centres
+    (default about sqrt(K)) over all features (N, C), then each coarse cluster's share of the K
+    centres, proportional to its size (largest remainders), by k-means over its own members ->
+    centres (k, C) float32. VQGAN-LC clusters each ImageNet class on its own; here the coarse
+    clusters play the classes, so unlabelled data works too.
+
+    Cost: iters x 2NC x (coarse + K N_c / N summed over clusters), about iters x 4NC sqrt(K) for
+    balanced clusters, against iters x 2NKC for flat k-means (:func:`flat_kmeans_flop`).
+    Deterministic for a seed, as :func:`kmeans`.
+    """
+    x = _checked_features(features, k, device)
+    coarse = min(coarse or math.isqrt(k), k)
+    assign = nearest_codes(x, kmeans(x, coarse, iters=iters, seed=seed, progress=progress))
+    order = torch.argsort(assign, stable=True)
+    counts = torch.bincount(assign, minlength=coarse).cpu()
+    shares = _proportional_shares(counts, k)
+    members = order.split(counts.tolist())
+    centres = []
+    for cluster in tqdm(range(coarse), desc=f"k-means k={k} within {coarse} clusters", disable=not progress):
+        if shares[cluster]:
+            centres.append(kmeans(x[members[cluster]], int(shares[cluster]), iters=iters, seed=seed + 1 + cluster))
+    return torch.cat(centres).to(features.device)
+
+
+def _proportional_shares(counts: torch.Tensor, k: int) -> torch.Tensor:
+    """k split over clusters of these sizes in proportion to them (largest remainders); each share
+    <= its cluster's size, as k <= counts.sum()."""
+    exact = counts.double() * k / counts.sum()
+    shares = exact.floor().long()
+    shares[torch.argsort(exact - shares, descending=True, stable=True)[:k - int(shares.sum())]] += 1
+    return shares
+
+
+def flat_kmeans_flop(n: int, k: int, dim: int, iters: int) -> float:
+    """Multiply-adds x 2 of Lloyd's k-means over all K centres: each iteration is N x K distances."""
+    return 2.0 * n * k * dim * iters
+
+
 # ------------------------------------------------------------------------------------------------
 # The codebook file
 # ------------------------------------------------------------------------------------------------
@@ -438,15 +496,21 @@ def build_lc_codebook(
     init: str = "random",
     device: str | torch.device | None = None,
     progress: bool = False,
+    method: str = "auto",
 ) -> dict:
     """Builds a VQGAN-LC codebook: patch features of ``data`` -> k-means -> ``out`` (written atomically).
 
     ``data``: a folder, PIL images or image paths, or None for the photos that ship in pip packages
     (:func:`fullvq.data.default_photos`). ``encoder``: a name for
     :func:`load_feature_encoder` or a loaded encoder. ``device``: default CUDA when available.
+    ``method``: "flat" (:func:`kmeans`), "two-level" (:func:`two_level_kmeans`, whose coarse level
+    is seeded randomly whatever ``init`` says) or "auto": flat on a GPU or up to
+    FLAT_KMEANS_MAX_CPU_FLOP, two levels beyond.
     Returns the saved dict: {"codebook": (k, C) float32, "encoder", "feature_dim", "num_features",
-    "format", "version"}.
+    "kmeans" (the method used), "format", "version"}.
     """
+    if method not in KMEANS_METHODS:
+        raise ValueError(f"unknown k-means method {method!r}: expected one of {list(KMEANS_METHODS)}")
     if crops_per_image < 1:
         raise ValueError(f"crops_per_image must be >= 1, got {crops_per_image}")
     if data is None:
@@ -468,12 +532,20 @@ def build_lc_codebook(
             "more images or a smaller codebook")
     features = extract_patch_features(encoder, images, crops_per_image=crops_per_image,
                                       crop_size=crop_size, seed=seed, progress=progress)
-    codebook = kmeans(features, k, iters=iters, seed=seed, device=device, init=init, progress=progress)
+    if method == "auto":
+        flat_ok = torch.device(device).type == "cuda" or flat_kmeans_flop(
+            len(features), k, features.shape[1], iters) <= FLAT_KMEANS_MAX_CPU_FLOP
+        method = "flat" if flat_ok else "two-level"
+    if method == "flat":
+        codebook = kmeans(features, k, iters=iters, seed=seed, device=device, init=init, progress=progress)
+    else:
+        codebook = two_level_kmeans(features, k, iters=iters, seed=seed, device=device, progress=progress)
     payload = {
         "codebook": codebook.cpu().float().contiguous(),
         "encoder": encoder.name,
         "feature_dim": int(codebook.shape[1]),
         "num_features": int(features.shape[0]),
+        "kmeans": method,
         "format": FORMAT,
         "version": VERSION,
     }
