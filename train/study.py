@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from fullvq.config import QUANTIZERS
-from fullvq.study import Plan, StudyError, finished_result, lc_unsupported, run_one, write_report
+from fullvq.study import Plan, StudyError, finished_result, run_one, write_report
 
 QUICK = {"sizes": "1024,4096", "quantizers": "vq,bridge", "steps": 300, "metric_images": 64}
 
@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 if args.report_only:
                     result = finished_result(plan, quantizer, k) or {
-                        "quantizer": quantizer, "codebook_size": k,
-                        "skipped": (lc_unsupported(plan, k) if quantizer == "lc" else "") or "not run yet"}
+                        "quantizer": quantizer, "codebook_size": k, "skipped": "not run yet"}
                 else:
                     print(f"== {quantizer} K={k}", flush=True)
                     result = run_one(plan, quantizer, k)

@@ -25,7 +25,6 @@ from .trainer import MIN_TOKENS_PER_CODE, tokens_per_crop, train, usage_marks, u
 
 RESULT_KEYS = ("quantizer", "codebook_size", "usage", "num_tokens", "psnr", "psnr_y", "ssim", "lpips", "rfid",
                "step_time_s", "steps")
-LC_MAX_KMEANS_FLOP = 5e13  # k-means beyond this is left to a GPU (about 10 minutes on 2 CPU cores)
 # usage_train's second density is asked for up to this K: FVQ's own count there is 49 tokens per code
 # (12.8M ImageNet-val tokens over 262,144 codes); 50 per code at 1M codes would be 52M lookups, hours on a CPU
 DENSE_USAGE_MAX_K = 262_144
@@ -67,6 +66,11 @@ def run_config(plan: Plan, quantizer: str, k: int) -> Config:
     return cfg
 
 
+def train_tokens_per_code(cfg: Config) -> float:
+    """Training tokens the run's quantizer sees per code: steps x batch x tokens per crop / K."""
+    return cfg.steps * cfg.batch_size * tokens_per_crop(cfg) / cfg.quantizer.codebook_size
+
+
 def bridge_for(k: int) -> str:
     """FVQ's B/8 (128 wide, the tiny preset's), or B with the largest patch of 4, 2 that divides the
     grid's side; from 1024^2 codes W128-H4-D2/16, B's shape with a patch FVQ does not name (B/8 would
@@ -78,7 +82,8 @@ def bridge_for(k: int) -> str:
 
 
 def lc_codebook(plan: Plan, k: int, data: str) -> Path:
-    """OUT/lc/codebook-K.pt, built on first use from enough patch features (4 per code)."""
+    """OUT/lc/codebook-K.pt, built on first use from enough patch features (4 per code); beyond
+    a CPU's few minutes of flat k-means, by two-level k-means (fullvq.lc_codebook.build_lc_codebook)."""
     from .lc_codebook import build_lc_codebook
 
     path = plan.out / "lc" / f"codebook-{k}.pt"
@@ -87,14 +92,6 @@ def lc_codebook(plan: Plan, k: int, data: str) -> Path:
         crops = max(32, math.ceil(4 * k / (images * 196)))  # 196 = 14 x 14 features per 224 px crop
         build_lc_codebook(data or None, k, path, crops_per_image=crops, iters=10, progress=True)
     return path
-
-
-def lc_unsupported(plan: Plan, k: int) -> str:
-    """Why lc is skipped at this K on this machine ("" when it runs)."""
-    flop = 2 * (4 * k) * k * 112 * 10
-    if torch.cuda.is_available() or flop <= LC_MAX_KMEANS_FLOP:
-        return ""
-    return f"k-means of {k} centres over {4 * k} features ({flop:.0e} FLOP) needs a GPU"
 
 
 def finished_result(plan: Plan, quantizer: str, k: int) -> dict | None:
@@ -132,8 +129,6 @@ def run_one(plan: Plan, quantizer: str, k: int) -> dict:
     if (result := finished_result(plan, quantizer, k)) is not None:
         check_comparable(plan, result)
         return _with_usage_densities(plan, result, folder)
-    if quantizer == "lc" and (reason := lc_unsupported(plan, k)):
-        return {"quantizer": quantizer, "codebook_size": k, "skipped": reason}
     cfg = run_config(plan, quantizer, k)
     ckpt = folder / "ckpt.pt"
     step = checkpoint.load(ckpt)["step"] if ckpt.is_file() else 0
@@ -148,6 +143,7 @@ def run_one(plan: Plan, quantizer: str, k: int) -> dict:
     perceptual = evaluate_images(model, subset, cfg.batch_size, device).result()
     result = {key: metrics.get(key) for key in RESULT_KEYS} | _usage_fields(metrics["usage_train_by_density"])
     result.update(lpips=perceptual["lpips"], rfid=perceptual["rfid"], metric_images=len(subset),
+                  batch_size=cfg.batch_size, train_tokens_per_code=train_tokens_per_code(cfg),
                   bridge=cfg.quantizer.bridge if quantizer == "bridge" else None, unavailable=perceptual["unavailable"],
                   threads=torch.get_num_threads())  # step_time_s depends on it (runs may go two at a time)
     (folder / "result.json").write_text(json.dumps(result, indent=1))
