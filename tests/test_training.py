@@ -124,6 +124,22 @@ def test_resume_continues_bit_identically(tmp_path, photo_dir, ema_decay):
         assert torch.equal(a["ema"][key], b["ema"][key]), key
 
 
+def test_bridge_raw_lr_scale_sets_the_raw_codes_own_learning_rate(tmp_path, photo_dir):
+    from fullvq.models import build_model
+    from fullvq.trainer import param_groups
+
+    cfg = small_config(tmp_path, photo_dir)
+    model = build_model(cfg)
+    assert [len(g["params"]) for g in param_groups(model, cfg)] == [len(list(model.parameters()))]  # FVQ's one group
+    cfg.quantizer.bridge_raw_lr_scale = 0.0  # raw codes frozen: only the bridge and the rest learn
+    assert train(cfg, stop_at=2) is None
+    train(cfg, resume=True)  # the scale outlives the checkpoint, whose optimizer groups do not hold it
+    torch.manual_seed(cfg.seed)  # as the trainer builds it
+    before, after = build_model(cfg).state_dict(), checkpoint.load(Path(cfg.out) / "ckpt.pt")["model"]
+    assert torch.equal(after["quantize.raw"], before["quantize.raw"])
+    assert not torch.equal(after["quantize.bridge.head.weight"], before["quantize.bridge.head.weight"])
+
+
 def test_evaluation_resumed_after_the_last_step_reports_no_step_time(tmp_path, photo_dir):
     from fullvq.metrics import steady_step_time
 

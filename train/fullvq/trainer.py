@@ -60,7 +60,9 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
     if state is not None:
         model.load_state_dict(state["model"])
     criterion = ReconstructionLoss(cfg.loss).to(d.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    groups = param_groups(model, cfg)
+    lr_scales = [group.pop("lr_scale") for group in groups]  # kept here: a checkpoint's groups replace these dicts
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = None
     if cfg.ema_decay > 0:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
@@ -100,8 +102,8 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
         started = time.perf_counter()
         factor = peak_scale * lr_factor(step, cfg.steps, cfg.schedule, cfg.warmup, cfg.decay_start, cfg.final_lr_ratio)
         lr = cfg.lr * factor
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group, scale in zip(optimizer.param_groups, lr_scales, strict=True):
+            group["lr"] = lr * scale
         x = next(batches).to(d.device, non_blocking=True)
         with autocast:
             recon, quant = net(x)
@@ -202,6 +204,17 @@ def usage_on_fresh_crops(cfg: Config, model, sources, d: distributed.Dist) -> li
             curve.append({"tokens_per_code": mark * per_crop / k, "num_tokens": mark * per_crop,
                           "usage": counter.across_ranks().usage})
     return curve
+
+
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """The optimiser's groups, each with its "lr_scale": one group of everything (FVQ's), unless
+    quantizer.bridge_raw_lr_scale != 1 puts the bridge's raw codes in a second one at that scale."""
+    scale = cfg.quantizer.bridge_raw_lr_scale
+    raw = [p for name, p in model.named_parameters() if name == "quantize.raw"]
+    if scale == 1.0 or not raw:
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    rest = [p for name, p in model.named_parameters() if name != "quantize.raw"]
+    return [{"params": rest, "lr_scale": 1.0}, {"params": raw, "lr_scale": scale}]
 
 
 def tokens_per_crop(cfg: Config) -> int:
