@@ -123,6 +123,19 @@ def test_bridge_keeps_codes_in_their_grid_patch():
         assert changed[k] and torch.equal(changed, changed & same_patch) and changed.sum() > 1
 
 
+def test_dead_positions_counts_patch_positions_without_a_used_code():
+    # K = 256: a 16 x 16 grid of 4 x 4 patches. Code k sits at row k // 16, column k % 16, so its
+    # position within its patch is (row % 4, column % 4); the head slice of that position makes it.
+    quantizer = build_quantizer(QuantizerConfig(name="bridge", codebook_size=256, codebook_dim=3, bridge="XS/4"))
+    rows, cols = torch.arange(256) // 16, torch.arange(256) % 16
+    counts = torch.ones(256, dtype=torch.long)
+    assert quantizer.dead_positions(counts) == 0
+    counts[(rows % 4 == 1) & (cols % 4 == 2)] = 0  # every code at position (1, 2) unused
+    assert quantizer.dead_positions(counts) == 1
+    counts[(rows % 4 == 3) & (cols % 4 == 0) & (rows > 3)] = 0  # position (3, 0) keeps row 3: alive
+    assert quantizer.dead_positions(counts) == 1
+
+
 @pytest.mark.parametrize("k,patch,message", [(1000, 4, "not a perfect square.*use e.g. 784 or 1024"),
                                              (900, 4, "has side 30, not divisible by 4.*784 or 1024")])
 def test_invalid_bridge_codebook_sizes(k, patch, message):

@@ -131,6 +131,10 @@ def test_bridge_raw_lr_scale_sets_the_raw_codes_own_learning_rate(tmp_path, phot
     cfg = small_config(tmp_path, photo_dir)
     model = build_model(cfg)
     assert [len(g["params"]) for g in param_groups(model, cfg)] == [len(list(model.parameters()))]  # FVQ's one group
+    cfg.quantizer.bridge_lr_scale = 2.0
+    groups = {g["lr_scale"]: g["params"] for g in param_groups(model, cfg)}
+    assert len(groups[2.0]) == len(list(model.quantize.bridge.parameters())) and len(groups[1.0]) > 1  # raw codes: 1
+    cfg.quantizer.bridge_lr_scale = 1.0
     cfg.quantizer.bridge_raw_lr_scale = 0.0  # raw codes frozen: only the bridge and the rest learn
     assert train(cfg, stop_at=2) is None
     train(cfg, resume=True)  # the scale outlives the checkpoint, whose optimizer groups do not hold it
@@ -180,6 +184,8 @@ def test_usage_train_is_reported_at_two_densities(tmp_path, photo_dir):
     cfg = small_config(tmp_path, photo_dir, eval_crops=0, eval_tokens_per_code=50)
     metrics = train(cfg)
     curve = metrics["usage_train_by_density"]
+    assert all(0 <= c["dead_positions"] <= 16 for c in curve)  # a bridge's 4 x 4 patch positions
+    assert all("dead_positions" in json.loads(line) for line in (Path(cfg.out) / "log.jsonl").open())
     assert [c["tokens_per_code"] for c in curve] == [10, 50] and [c["num_tokens"] for c in curve] == [2560, 12800]
     assert curve[0]["usage"] <= curve[1]["usage"] == metrics["usage_train"]  # more tokens never lose a code
     assert metrics["num_tokens_train"] == 12800

@@ -44,7 +44,8 @@ class QuantizerConfig:
     bridge_init: str = "fullvq"      # "fvq": FVQ's (raw codes uniform in +-1/K, xavier layers); "fullvq": N(0, 1) codes
     bridge_head_init_std: float = 1e-3  # 0 = FVQ's exact zero start of the last layer (ties every code at step 0)
     bridge_ln_eps: float = 1e-6      # FVQ's; checkpoints of fullvq 0.1 (PyTorch's default 1e-5) keep theirs
-    bridge_raw_lr_scale: float = 1.0  # the raw codes' lr as a multiple of everything else's (FVQ: 1, one group)
+    bridge_lr_scale: float = 1.0     # the bridge network's lr as a multiple of the autoencoder's (FVQ: 1)
+    bridge_raw_lr_scale: float = 1.0  # the raw codes' lr as a multiple of the autoencoder's (FVQ: 1)
     lc_codebook: str = ""            # lc: file from train/build_lc_codebook.py
     lc_feature_dim: int = 0          # lc: filled in from that file
     residual_depth: int = 1          # > 1 wraps the quantizer in residual VQ

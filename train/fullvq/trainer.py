@@ -133,10 +133,12 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
         step += 1
         step_times.append(time.perf_counter() - started)
         if step % cfg.log_every == 0 or step == last:
-            usage = window.across_ranks().usage
+            counts = window.across_ranks()
+            usage = counts.usage
             log = {"step": step, "lr": lr, "loss": float(loss.detach()), "usage": usage,
                    "psnr": float(distributed.mean_across(torch.stack(window_psnr).mean())),
-                   **{k: float(v) for k, v in stats.items()}, **{k: float(v) for k, v in quant.stats.items()}}
+                   **{k: float(v) for k, v in stats.items()}, **{k: float(v) for k, v in quant.stats.items()},
+                   **dead_positions(model, counts)}
             window, window_psnr = CodeCounter(cfg.quantizer.codebook_size, d.device), []
             if d.main:
                 bar.set_postfix(loss=f"{log['loss']:.4f}", usage=f"{usage:.1%}", psnr=f"{log['psnr']:.2f}")
@@ -201,20 +203,28 @@ def usage_on_fresh_crops(cfg: Config, model, sources, d: distributed.Dist) -> li
                 x = torch.stack([fresh[i] for i in mine[start:start + cfg.batch_size]]).to(d.device)
                 counter.add(model.encode(x).indices)
             done = mark
+            counts = counter.across_ranks()
             curve.append({"tokens_per_code": mark * per_crop / k, "num_tokens": mark * per_crop,
-                          "usage": counter.across_ranks().usage})
+                          "usage": counts.usage, **dead_positions(model, counts)})
     return curve
+
+
+def dead_positions(model, counts: CodeCounter) -> dict:
+    """{"dead_positions": n} for a bridge (BridgeQuantizer.dead_positions), {} for other quantizers."""
+    quantize = getattr(model, "module", model).quantize
+    return {"dead_positions": quantize.dead_positions(counts.counts)} if hasattr(quantize, "dead_positions") else {}
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     """The optimiser's groups, each with its "lr_scale": one group of everything (FVQ's), unless
-    quantizer.bridge_raw_lr_scale != 1 puts the bridge's raw codes in a second one at that scale."""
-    scale = cfg.quantizer.bridge_raw_lr_scale
-    raw = [p for name, p in model.named_parameters() if name == "quantize.raw"]
-    if scale == 1.0 or not raw:
-        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
-    rest = [p for name, p in model.named_parameters() if name != "quantize.raw"]
-    return [{"params": rest, "lr_scale": 1.0}, {"params": raw, "lr_scale": scale}]
+    quantizer.bridge_lr_scale or bridge_raw_lr_scale differ from 1, which give the bridge network
+    and its raw codes groups of their own at those multiples of the lr."""
+    scales = {"quantize.bridge.": cfg.quantizer.bridge_lr_scale, "quantize.raw": cfg.quantizer.bridge_raw_lr_scale}
+    groups: dict[float, list] = {}
+    for name, param in model.named_parameters():
+        scale = next((v for prefix, v in scales.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault(scale, []).append(param)
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
 
 
 def tokens_per_crop(cfg: Config) -> int:

@@ -249,3 +249,10 @@ class BridgeQuantizer(Quantizer):
 
     def codebook(self) -> torch.Tensor:
         return self.bridge(self.raw)
+
+    def dead_positions(self, counts: torch.Tensor) -> int:
+        """How many of the bridge's p x p patch positions had no code used, given a code histogram
+        (K,). A position's codes share one slice of the head: when none of them is ever nearest, that
+        slice gets no gradient and all K / p^2 of its codes stay dead together."""
+        n, p = self.bridge.side // self.bridge.patch, self.bridge.patch
+        return int((counts.view(n, p, n, p).sum((0, 2)) == 0).sum())
