@@ -128,7 +128,8 @@ def test_two_level_kmeans_is_as_good_as_flat():
 
 def test_two_level_kmeans_with_one_coarse_cluster_is_flat_kmeans():
     x, _, _ = _blobs(n_per=30, k=10, dim=5, seed=1)
-    assert torch.equal(lc.two_level_kmeans(x, 16, coarse=1, iters=10, seed=3), lc.kmeans(x, 16, iters=10, seed=4))
+    assert torch.equal(lc.two_level_kmeans(x, 16, coarse=1, iters=10, seed=3, probes=0),
+                       lc.kmeans(x, 16, iters=10, seed=4))
     assert torch.equal(lc.two_level_kmeans(x, 16, iters=10, seed=3), lc.two_level_kmeans(x, 16, iters=10, seed=3))
 
 

@@ -407,12 +407,21 @@ def kmeans(
     else:
         centres = _kmeanspp(x, k, g)
 
+    return _lloyd(x, centres, lambda c: nearest_codes(x, c), iters, f"k-means k={k}", progress).to(features.device)
+
+
+def _lloyd(x: torch.Tensor, centres: torch.Tensor, assign_to: Callable[[torch.Tensor], torch.Tensor], iters: int,
+           desc: str, progress: bool) -> torch.Tensor:
+    """Lloyd's iterations from ``centres`` (k, C): ``assign_to(centres)`` gives each row of x its
+    centre (N,), then each centre moves to the mean of its rows (summed in float64). A centre left
+    empty is re-seeded at the point farthest from its centre. Stops early when nothing changes."""
+    (n, dim), k = x.shape, len(centres)
     previous = None
-    bar = tqdm(range(iters), desc=f"k-means k={k}", unit="iter", disable=not progress)
+    bar = tqdm(range(iters), desc=desc, unit="iter", disable=not progress)
     for it in bar:
-        assign = nearest_codes(x, centres)
+        assign = assign_to(centres)
         counts = torch.bincount(assign, minlength=k)
-        sums = torch.zeros(k, dim, dtype=torch.float64, device=device)
+        sums = torch.zeros(k, dim, dtype=torch.float64, device=x.device)
         for start in range(0, n, _SUM_CHUNK_ROWS):
             rows = slice(start, start + _SUM_CHUNK_ROWS)
             sums.index_add_(0, assign[rows], x[rows].double())
@@ -424,12 +433,11 @@ def kmeans(
         changed = n if previous is None else int((assign != previous).sum())
         bar.set_postfix(changed=changed, empty=len(empty))
         if changed == 0 and not len(empty):
-            bar.close()
-            log.info("k-means converged after %d iterations", it + 1)
+            log.info("%s converged after %d iterations", desc, it + 1)
             break
         previous = assign
     bar.close()
-    return centres.to(features.device)
+    return centres
 
 
 def two_level_kmeans(
@@ -439,30 +447,59 @@ def two_level_kmeans(
     iters: int = 20,
     seed: int = 0,
     device: str | torch.device | None = None,
+    probes: int = 4,
     progress: bool = False,
 ) -> torch.Tensor:
-    """k-means in two levels, for K too large for Lloyd's over all K centres: ``coarse`` centres
-    (default about sqrt(K)) over all features (N, C), then each coarse cluster's share of the K
-    centres, proportional to its size (largest remainders), by k-means over its own members ->
-    centres (k, C) float32. VQGAN-LC clusters each ImageNet class on its own; here the coarse
-    clusters play the classes, so unlabelled data works too.
+    """k-means in two levels, for K too large for Lloyd's over all K centres -> centres (k, C) float32.
 
-    Cost: iters x 2NC x (coarse + K N_c / N summed over clusters), about iters x 4NC sqrt(K) for
-    balanced clusters, against iters x 2NKC for flat k-means (:func:`flat_kmeans_flop`).
+    ``coarse`` centres (default about sqrt(K)) over all features (N, C); each coarse cluster gets a
+    share of the K centres proportional to its size (largest remainders), found by k-means over its
+    own members. VQGAN-LC clusters each ImageNet class on its own; here the coarse clusters play the
+    classes, so unlabelled data works too. Then ``iters`` Lloyd's iterations over all K centres
+    mend the borders between clusters, each feature choosing among the centres of its ``probes``
+    nearest coarse clusters (0 skips them).
+
+    Cost: iters x 2NC x (coarse + K/coarse x (1 + probes)) for balanced clusters, about
+    iters x 2NC x 6 sqrt(K), against iters x 2NKC for flat k-means (:func:`flat_kmeans_flop`).
     Deterministic for a seed, as :func:`kmeans`.
     """
     x = _checked_features(features, k, device)
     coarse = min(coarse or math.isqrt(k), k)
-    assign = nearest_codes(x, kmeans(x, coarse, iters=iters, seed=seed, progress=progress))
-    order = torch.argsort(assign, stable=True)
+    coarse_centres = kmeans(x, coarse, iters=iters, seed=seed, progress=progress)
+    assign = nearest_codes(x, coarse_centres)
     counts = torch.bincount(assign, minlength=coarse).cpu()
     shares = _proportional_shares(counts, k)
-    members = order.split(counts.tolist())
-    centres = []
-    for cluster in tqdm(range(coarse), desc=f"k-means k={k} within {coarse} clusters", disable=not progress):
-        if shares[cluster]:
-            centres.append(kmeans(x[members[cluster]], int(shares[cluster]), iters=iters, seed=seed + 1 + cluster))
-    return torch.cat(centres).to(features.device)
+    members = torch.argsort(assign, stable=True).split(counts.tolist())
+    centres = torch.cat([kmeans(x[members[c]], int(shares[c]), iters=iters, seed=seed + 1 + c)
+                         for c in tqdm(range(coarse), desc=f"k-means within {coarse} clusters", disable=not progress)
+                         if shares[c]])
+    if probes:
+        blocks = torch.arange(k, device=x.device).split(shares.tolist())  # each coarse cluster's centres
+        near = _nearest_few(x, coarse_centres, min(probes, coarse))
+        centres = _lloyd(x, centres, lambda c: _assign_within(x, c, blocks, near), iters,
+                         f"k-means k={k}, {probes} probes", progress)
+    return centres.to(features.device)
+
+
+def _nearest_few(x: torch.Tensor, centres: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, n): the indices of each row's n nearest centres."""
+    return torch.cat([torch.cdist(rows, centres).topk(n, largest=False).indices for rows in x.split(1 << 14)])
+
+
+def _assign_within(x: torch.Tensor, centres: torch.Tensor, blocks: tuple[torch.Tensor, ...],
+                   near: torch.Tensor) -> torch.Tensor:
+    """(N,): each row's nearest centre among the ``blocks`` (each coarse cluster's centre indices)
+    of its ``near`` (N, probes) coarse clusters."""
+    best = torch.full((len(x),), float("inf"), device=x.device)
+    assign = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    pairs = torch.argsort(near.flatten(), stable=True)  # (row, probe) pairs grouped by coarse cluster
+    rows_of = (pairs // near.shape[1]).split(torch.bincount(near.flatten(), minlength=len(blocks)).tolist())
+    for rows, block in zip(rows_of, blocks, strict=True):
+        if len(rows) and len(block):
+            distance, index = torch.cdist(x[rows], centres[block]).min(1)
+            better = distance < best[rows]
+            best[rows[better]], assign[rows[better]] = distance[better], block[index[better]]
+    return assign
 
 
 def _proportional_shares(counts: torch.Tensor, k: int) -> torch.Tensor:
