@@ -38,9 +38,10 @@ def mean_sq_error(x: torch.Tensor, centres: torch.Tensor) -> float:
     return error / len(x)
 
 
-def timed(fn):
+def timed(fn, *args, **kwargs):
+    """fn(*args, **kwargs) and the seconds it took."""
     start = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
 
 
@@ -64,11 +65,11 @@ def main() -> None:
         crops = math.ceil(args.features_per_code * k / (len(photos) * per_crop))
         x = extract_patch_features(encoder, photos, crops_per_image=crops)
         flop = flat_kmeans_flop(len(x), k, x.shape[1], args.iters)
-        two_level, two_level_s = timed(lambda: two_level_kmeans(x, k, iters=args.iters))
+        two_level, two_level_s = timed(two_level_kmeans, x, k, iters=args.iters)
         row = {"k": k, "features": len(x), "two_level_s": two_level_s, "flat_flop": flop,
                "two_level_error": mean_sq_error(x, two_level)}
         if flop <= args.flat_max_flop:
-            flat, row["flat_s"] = timed(lambda: kmeans(x, k, iters=args.iters))
+            flat, row["flat_s"] = timed(kmeans, x, k, iters=args.iters)
             row["flat_error"], flop_rate = mean_sq_error(x, flat), flop / row["flat_s"]
             flat_text, ratio = f"{row['flat_s']:.1f} s", f"{row['two_level_error'] / row['flat_error']:.4f}"
         else:

@@ -26,7 +26,9 @@ from pathlib import Path
 from fullvq.config import QUANTIZERS
 from fullvq.study import Plan, StudyError, finished_result, run_one, write_report
 
-QUICK = {"sizes": "1024,4096", "quantizers": "vq,bridge", "steps": 300, "metric_images": 64}
+QUICK = {"sizes": "1024,4096", "quantizers": "vq,bridge", "steps": 300, "metric_images": 64, "tokens_per_code": 0}
+FULL = {"sizes": "1024,16384,65536,262144", "quantizers": ",".join(QUANTIZERS), "steps": 3000, "metric_images": 512,
+        "tokens_per_code": 0}
 
 
 def csv(kind):
@@ -41,21 +43,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", type=csv(int))
     p.add_argument("--quantizers", type=csv(str))
     p.add_argument("--steps", type=int)
+    p.add_argument("--tokens-per-code", type=float, dest="tokens_per_code",
+                   help="the budget rule: each run's batch is the preset's times the smallest whole number that "
+                        "gives it this many training tokens per code in its steps (default: see below)")
     p.add_argument("--data", default="")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--metric-images", type=int, help="held-out tiles for LPIPS and rFID (default 512, quick 64)")
     p.add_argument("--report-only", action="store_true", help="tabulate the finished runs, train nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    defaults = QUICK if args.quick else {"sizes": "1024,16384,65536,262144", "quantizers": ",".join(QUANTIZERS),
-                                         "steps": 3000, "metric_images": 512}
+    defaults = QUICK if args.quick else FULL
     quantizers = args.quantizers or csv(str)(defaults["quantizers"])
     unknown = set(quantizers) - set(QUANTIZERS)
     if unknown:
         sys.exit(f"study.py: unknown quantizers {sorted(unknown)}: expected some of {list(QUANTIZERS)}")
     plan = Plan(out=args.out, sizes=args.sizes or csv(int)(defaults["sizes"]), quantizers=quantizers,
                 steps=args.steps or defaults["steps"], data=args.data, overrides=args.overrides,
-                metric_images=args.metric_images or defaults["metric_images"])
+                metric_images=args.metric_images or defaults["metric_images"],
+                min_train_tokens_per_code=defaults["tokens_per_code"] if args.tokens_per_code is None
+                else args.tokens_per_code)
     results = []
     for k in plan.sizes:
         for quantizer in plan.quantizers:

@@ -393,14 +393,15 @@ def kmeans(
     ``init``: "random" (k distinct data points; O(N)) or "k-means++" (better seeds, but k
     sequential passes over the data: slow at k in the tens of thousands). Assignment is exact
     (fullvq.lookup.nearest_codes: fullvq_rt on CPU, the CUDA kernel or torch chunks on GPU). A
-    cluster left empty is re-seeded at the point farthest from its centre. Stops early when no assignment changes. Deterministic for
-    a seed (on GPU up to float rounding; centre sums are accumulated in float64).
+    cluster left empty is re-seeded at the point farthest from its centre. Stops early when no
+    assignment changes. Deterministic for a seed (on GPU up to float rounding; centre sums are
+    accumulated in float64).
     ``device``: where to compute (default: the features' device).
     """
     if init not in ("random", "k-means++"):
         raise ValueError(f"init must be 'random' or 'k-means++', got {init!r}")
     x = _checked_features(features, k, device)
-    (n, dim), device = x.shape, x.device
+    n, device = len(x), x.device
     g = torch.Generator().manual_seed(seed)  # on the CPU, so a seed gives the same seeds everywhere
     if init == "random":
         centres = x[torch.randperm(n, generator=g)[:k].to(device)].clone()

@@ -44,6 +44,7 @@ class Plan:
     overrides: list[str] = field(default_factory=list)
     metric_images: int = 512        # held-out tiles that LPIPS and rFID see (usage and PSNR see all)
     eval_tokens_per_code: int = 50  # usage_train's second density (the first is 10 tokens per code)
+    min_train_tokens_per_code: float = 0  # the budget rule (planned_batch); 0: the preset's batch at every K
 
     def run_dir(self, quantizer: str, k: int) -> Path:
         return self.out / "runs" / f"{quantizer}-{k}"
@@ -53,17 +54,29 @@ class Plan:
         return self.eval_tokens_per_code if k <= DENSE_USAGE_MAX_K else MIN_TOKENS_PER_CODE
 
 
-def run_config(plan: Plan, quantizer: str, k: int) -> Config:
+def planned_config(plan: Plan, quantizer: str, k: int) -> Config:
+    """The run this plan trains at (quantizer, K): the tiny preset, the plan's steps, overrides,
+    bridge and batch, and for lc the path of its codebook (lc_codebook builds it)."""
     cfg = preset("tiny")
     cfg.quantizer.name, cfg.quantizer.codebook_size, cfg.steps = quantizer, k, plan.steps
     cfg.data, cfg.out, cfg.eval_tokens_per_code = plan.data, str(plan.run_dir(quantizer, k)), plan.tokens_per_code(k)
+    cfg.quantizer.bridge = bridge_for(k)
     for assignment in plan.overrides:
         apply_override(cfg, assignment)
     if quantizer == "bridge":
-        cfg.quantizer.bridge = planned_bridge(plan, k)
+        cfg.quantizer.bridge = resolve_bridge(cfg.quantizer.bridge, k)
     if quantizer == "lc":
-        cfg.quantizer.lc_codebook = str(lc_codebook(plan, k, cfg.data))
+        cfg.quantizer.lc_codebook = str(plan.out / "lc" / f"codebook-{k}.pt")
+    cfg.batch_size = planned_batch(plan, cfg)
     return cfg
+
+
+def planned_batch(plan: Plan, cfg: Config) -> int:
+    """The budget rule: cfg's batch times the smallest whole number that gives the run at least
+    plan.min_train_tokens_per_code training tokens per code in its steps. More tokens per step
+    rather than more steps: a step of the bridge costs the same at any batch, and on a CPU at 262,144
+    codes its pass over the codebook is most of the step."""
+    return cfg.batch_size * max(1, math.ceil(plan.min_train_tokens_per_code / train_tokens_per_code(cfg)))
 
 
 def train_tokens_per_code(cfg: Config) -> float:
@@ -81,17 +94,16 @@ def bridge_for(k: int) -> str:
     return f"B/{next((p for p in (8, 4, 2) if side * side == k and side % p == 0), 8)}"
 
 
-def lc_codebook(plan: Plan, k: int, data: str) -> Path:
-    """OUT/lc/codebook-K.pt, built on first use from enough patch features (4 per code); beyond
+def build_lc_codebook_once(cfg: Config) -> None:
+    """The lc run's codebook file, built on first use from enough patch features (4 per code); beyond
     a CPU's few minutes of flat k-means, by two-level k-means (fullvq.lc_codebook.build_lc_codebook)."""
     from .lc_codebook import build_lc_codebook
 
-    path = plan.out / "lc" / f"codebook-{k}.pt"
+    path, k = Path(cfg.quantizer.lc_codebook), cfg.quantizer.codebook_size
     if not path.is_file():
-        images = len(load_sources(data))
+        images = len(load_sources(cfg.data))
         crops = max(32, math.ceil(4 * k / (images * 196)))  # 196 = 14 x 14 features per 224 px crop
-        build_lc_codebook(data or None, k, path, crops_per_image=crops, iters=10, progress=True)
-    return path
+        build_lc_codebook(cfg.data or None, k, path, crops_per_image=crops, iters=10, progress=True)
 
 
 def finished_result(plan: Plan, quantizer: str, k: int) -> dict | None:
@@ -103,24 +115,17 @@ def finished_result(plan: Plan, quantizer: str, k: int) -> dict | None:
 
 
 def check_comparable(plan: Plan, result: dict) -> None:
-    """StudyError unless a finished run is the one this plan would train (budget, bridge)."""
+    """StudyError unless a finished run is the one this plan would train (steps, batch, bridge)."""
     folder = plan.run_dir(result["quantizer"], result["codebook_size"])
-    if result["steps"] != plan.steps:
-        raise StudyError(f"{folder} holds a finished {result['steps']}-step run, this study asks for {plan.steps} "
-                         f"steps: use another --out (runs of different budgets are not comparable)")
-    want = planned_bridge(plan, result["codebook_size"]) if result["quantizer"] == "bridge" else None
-    if result.get("bridge") != want:
+    want = planned_config(plan, result["quantizer"], result["codebook_size"])
+    if (result["steps"], result["batch_size"]) != (want.steps, want.batch_size):
+        raise StudyError(f"{folder} holds a finished run of {result['steps']} steps x {result['batch_size']} crops, "
+                         f"this study asks for {want.steps} x {want.batch_size}: use another --out (runs of "
+                         f"different budgets are not comparable)")
+    bridge = want.quantizer.bridge if result["quantizer"] == "bridge" else None
+    if result.get("bridge") != bridge:
         raise StudyError(f"{folder} holds a finished run of the bridge {result.get('bridge')}, this study trains "
-                         f"{want}: use another --out, or move that folder away to train it anew")
-
-
-def planned_bridge(plan: Plan, k: int) -> str:
-    """The bridge this plan trains at K (bridge_for, unless an override names another)."""
-    cfg = preset("tiny")
-    cfg.quantizer.bridge = bridge_for(k)
-    for assignment in plan.overrides:
-        apply_override(cfg, assignment)
-    return resolve_bridge(cfg.quantizer.bridge, k)
+                         f"{bridge}: use another --out, or move that folder away to train it anew")
 
 
 def run_one(plan: Plan, quantizer: str, k: int) -> dict:
@@ -129,7 +134,9 @@ def run_one(plan: Plan, quantizer: str, k: int) -> dict:
     if (result := finished_result(plan, quantizer, k)) is not None:
         check_comparable(plan, result)
         return _with_usage_densities(plan, result, folder)
-    cfg = run_config(plan, quantizer, k)
+    cfg = planned_config(plan, quantizer, k)
+    if quantizer == "lc":
+        build_lc_codebook_once(cfg)
     ckpt = folder / "ckpt.pt"
     step = checkpoint.load(ckpt)["step"] if ckpt.is_file() else 0
     if step >= cfg.steps and (folder / "metrics.json").is_file():  # trained; the evaluation below was interrupted
@@ -186,17 +193,17 @@ def write_report(plan: Plan, results: list[dict], command: str, machine: str) ->
     lines = [f"Command: `{command}`  ", f"Machine: {machine}", "",
              f"| quantizer | K | usage_train ({MIN_TOKENS_PER_CODE} tokens/code) | usage_train "
              f"({plan.eval_tokens_per_code} tokens/code) | held-out usage | tokens (held-out) | PSNR | SSIM | "
-             f"LPIPS ({plan.metric_images} tiles) | rFID ({plan.metric_images} tiles) | step |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"LPIPS ({plan.metric_images} tiles) | rFID ({plan.metric_images} tiles) | steps x batch | step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['quantizer']} | {r['codebook_size']} | {r['skipped']} |||||||||")
+            lines.append(f"| {r['quantizer']} | {r['codebook_size']} | {r['skipped']} ||||||||||")
             continue
         dense = usage_at(r.get("usage_train_by_density", []), plan.eval_tokens_per_code)
         lines.append(f"| {_label(r)} | {r['codebook_size']} | {r['usage_train']:.1%} | {_fmt(dense, '.1%')} | "
                      f"{r['usage']:.1%} | "
                      f"{r['num_tokens']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {_fmt(r['lpips'], '.3f')} | "
-                     f"{_fmt(r['rfid'], '.1f')} | {_fmt(r['step_time_s'], '.3f')}{' s' if r['step_time_s'] is not None else ''} ({r.get('threads', '?')} thr) |")
+                     f"{_fmt(r['rfid'], '.1f')} | {r['steps']} x {r['batch_size']} | {_fmt(r['step_time_s'], '.3f')}{' s' if r['step_time_s'] is not None else ''} ({r.get('threads', '?')} thr) |")
     (plan.out / "results.md").write_text("\n".join(lines) + "\n")
     _plot(plan.out / "usage_vs_k.png", results, "usage_train",
           f"codebook usage ({MIN_TOKENS_PER_CODE} tokens per code, fresh training crops)", percent=True)
