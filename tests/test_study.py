@@ -4,7 +4,12 @@ a second call reuses the finished runs."""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+
+import pytest
+
+from fullvq.study import Plan, StudyError, check_comparable, planned_config
 
 STUDY = str(Path(__file__).resolve().parents[1] / "train" / "study.py")
 
@@ -54,9 +59,26 @@ def test_quick_study_runs_and_resumes(tmp_path):
     again = subprocess.run(args(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "usage_train at 50 tokens per code" in again.stdout
     assert json.loads(result_file.read_text()) == full  # the missing density measured again, the same
+    no_positions = [{k: v for k, v in c.items() if k != "dead_positions"} for c in full["usage_train_by_density"]]
+    result_file.write_text(json.dumps(full | {"usage_train_by_density": no_positions}))  # as fullvq 0.1 wrote it
+    again = subprocess.run(args(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and json.loads(result_file.read_text()) == full  # its dead positions counted
     other = subprocess.run(args(steps=3), capture_output=True, text=True, timeout=900)
     assert other.returncode != 0 and "use another --out" in other.stderr
     result_file.write_text(json.dumps(full | {"bridge": "W128-H2-D2/8"}))  # a run of another bridge
     other = subprocess.run(args(), capture_output=True, text=True, timeout=900)
     assert other.returncode != 0
     assert "holds a finished run of the bridge W128-H2-D2/8, this study trains B/8" in other.stderr
+
+
+def test_budget_rule_grows_the_batch_in_whole_multiples(tmp_path):
+    # 3000 steps x 32 crops x 64 tokens: 93.75 training tokens per code at 65,536 codes
+    plan = Plan(out=tmp_path, sizes=[], quantizers=[], steps=3000, min_train_tokens_per_code=90)
+    assert [planned_config(plan, "bridge", k).batch_size for k in (1024, 65536, 262144)] == [32, 32, 128]
+    assert planned_config(replace(plan, min_train_tokens_per_code=100), "simvq", 65536).batch_size == 64
+    assert planned_config(replace(plan, overrides=["batch_size=48"]), "vq", 262144).batch_size == 144  # 35.2 x 3
+    assert planned_config(replace(plan, min_train_tokens_per_code=0), "vq", 262144).batch_size == 32
+    finished = {"quantizer": "simvq", "codebook_size": 262144, "steps": 3000, "batch_size": 32, "bridge": None}
+    with pytest.raises(StudyError, match="3000 steps x 32 crops, this study asks for 3000 x 128: use another --out"):
+        check_comparable(plan, finished)
+    check_comparable(plan, finished | {"batch_size": 128})

@@ -165,16 +165,18 @@ def _usage_fields(curve: list[dict]) -> dict:
 
 def _with_usage_densities(plan: Plan, result: dict, folder: Path) -> dict:
     """A finished run's result, with usage_train measured again from its checkpoint (nothing else
-    redone) when it lacks a density the plan asks for. A run whose checkpoint is gone keeps its own."""
+    redone) when it lacks a density the plan asks for, or a bridge's dead patch positions. A run
+    whose checkpoint is gone keeps its own."""
     curve = result.get("usage_train_by_density") or json.loads((folder / "metrics.json").read_text())[
         "usage_train_by_density"]
     wanted = {MIN_TOKENS_PER_CODE, plan.tokens_per_code(result["codebook_size"])}
+    no_dead_positions = result["quantizer"] == "bridge" and any("dead_positions" not in c for c in curve)
     ckpt = folder / "ckpt.pt"
-    if ckpt.is_file() and any(usage_at(curve, t) is None for t in wanted):  # the checkpoint's config decides (eval_crops), read only when needed
-        state = checkpoint.load(ckpt)
+    if ckpt.is_file() and (no_dead_positions or any(usage_at(curve, t) is None for t in wanted)):
+        state = checkpoint.load(ckpt)  # its config decides what is counted (eval_crops): read only when needed
         cfg = Config.from_dict(state["config"])
         cfg.eval_tokens_per_code = plan.tokens_per_code(result["codebook_size"])
-        if {m * tokens_per_crop(cfg) for m in usage_marks(cfg)} - {c["num_tokens"] for c in curve}:
+        if no_dead_positions or {m * tokens_per_crop(cfg) for m in usage_marks(cfg)} - {c["num_tokens"] for c in curve}:
             print(f"   usage_train at {cfg.eval_tokens_per_code} tokens per code, from {ckpt}", flush=True)
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             model = checkpoint.model_from_state(state)[0].to(device)
