@@ -1,17 +1,21 @@
 """The study: codebook usage and quality against codebook size, for every quantizer, one command.
 
     python train/study.py [--out docs/study] [--sizes 1024,16384,65536,262144]
-        [--quantizers vq,ema,fc,lc,simvq,bridge] [--steps N] [--data DIR] [--quick] [key=value ...]
+        [--quantizers vq,ema,fc,lc,simvq,bridge] [--steps N] [--tokens-per-code T] [--data DIR] [--quick]
+        [key=value ...]
 
-Trains every (quantizer, K) on the tiny preset with the same steps and seed (bridge: FVQ's B/8, or B
-with the largest patch of 4, 2 that divides sqrt(K); W128-H4-D2/16 from 1024^2 codes), evaluates each
+Trains every (quantizer, K) on the tiny preset with the same steps and seed, and at least 375
+training tokens per code (--tokens-per-code: the batch of 32 crops grows in whole multiples, so
+65,536 codes train on 128 crops a step and 262,144 on 512; bridge: FVQ's B/8, or B with the largest
+patch of 4, 2 that divides sqrt(K); W128-H4-D2/16 from 1024^2 codes), evaluates each
 on the held-out split (usage and PSNR on every tile, LPIPS and rFID on 512 of them) and over fresh
 training crops (usage_train at 10 and 50 tokens per code; 10 only beyond 262,144 codes), and writes
 OUT/results.json, OUT/results.md and the plots OUT/usage_vs_k.png and OUT/psnr_vs_k.png.
 Finished runs are not retrained (one measured at fewer usage_train densities is measured again from
-its checkpoint); an interrupted run resumes. --quick: K = 1024 and 4096, vq and bridge, 300 steps
-(minutes). --report-only: write the report from the runs finished so far (the others are listed as
-not run), training and measuring nothing.
+its checkpoint); a finished run of another budget or bridge stops the study with the reason. An
+interrupted run resumes from its last checkpoint (every 250 steps). --quick: K = 1024 and 4096, vq
+and bridge, 300 steps, no budget rule (minutes). --report-only: write the report from the runs
+finished so far (the others are listed as not run), training and measuring nothing.
 key=value overrides apply to every run (e.g. batch_size=16).
 """
 
@@ -27,8 +31,12 @@ from fullvq.config import QUANTIZERS
 from fullvq.study import Plan, StudyError, finished_result, run_one, write_report
 
 QUICK = {"sizes": "1024,4096", "quantizers": "vq,bridge", "steps": 300, "metric_images": 64, "tokens_per_code": 0}
+# The budget rule: every K trains on at least the 375 tokens per code that 3000 steps of 32 crops give
+# 16,384 codes, where the bridge uses >= 99% of its codes; beyond, the batch grows (65,536: 128 crops,
+# 262,144: 512). At 65,536 codes the study's old 94 tokens per code left 6 of B/8's 64 patch
+# positions dead (89.4%); 375 left none (99.1%). docs/study/usage_vs_budget.md has the curve.
 FULL = {"sizes": "1024,16384,65536,262144", "quantizers": ",".join(QUANTIZERS), "steps": 3000, "metric_images": 512,
-        "tokens_per_code": 0}
+        "tokens_per_code": 375}
 
 
 def csv(kind):
