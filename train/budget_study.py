@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fullvq.study import (Plan, StudyError, finished_result, planned_config, run_one, train_tokens_per_code,
-                          usage_at)
+from fullvq.study import (RULE_TOKENS_PER_CODE, Plan, StudyError, finished_result, planned_config, run_one,
+                          train_tokens_per_code, usage_at)
 
 OUT = Path("docs/study")
 BUDGET_KEYS = ("batch_size", "steps")  # overrides that change the budget, not the configuration
@@ -32,16 +32,17 @@ PLOTTED = ("bridge", "simvq", "lc")  # vq, ema and fc keep under 2% of 65k codes
 
 @dataclass(frozen=True)
 class Experiment:
-    name: str                      # its folder under docs/study/budget
+    name: str                      # its folder under docs/study/budget ("study": the study's own runs)
     hypothesis: str
     overrides: tuple[str, ...] = ()
     steps: int = 3000
     runs: tuple[tuple[str, int], ...] = (("bridge", 65536),)
+    tokens_per_code: float = 0     # the study's budget rule (fullvq.study.planned_batch); 0: none
 
     def plan(self) -> Plan:
-        return Plan(out=OUT / "budget" / self.name, sizes=sorted({k for _, k in self.runs}),
-                    quantizers=list(dict.fromkeys(q for q, _ in self.runs)), steps=self.steps,
-                    overrides=list(self.overrides))
+        return Plan(out=OUT if self.name == "study" else OUT / "budget" / self.name,
+                    sizes=sorted({k for _, k in self.runs}), quantizers=list(dict.fromkeys(q for q, _ in self.runs)),
+                    steps=self.steps, overrides=list(self.overrides), min_train_tokens_per_code=self.tokens_per_code)
 
     def variant(self) -> str:
         """What the experiment changes besides the budget and the bridge ("" for the study's
@@ -53,7 +54,9 @@ class Experiment:
 EXPERIMENTS = (
     Experiment("batch32", "the study's budget before its rule: 3000 steps of 32 crops (2,048 tokens)",
                runs=OLD_STUDY),
-    Experiment("batch128", "4x the tokens per step, which costs the bridge nothing", ("batch_size=128",), runs=BOTH),
+    Experiment("study", f"the study's budget rule, {RULE_TOKENS_PER_CODE} training tokens per code: 4x the "
+               "tokens per step at 65k (128 crops), 16x at 262k (512), which costs the bridge nothing", runs=BOTH,
+               tokens_per_code=RULE_TOKENS_PER_CODE),
     Experiment("L8", "the paper's bridge (FVQ's scripts: L/8 beyond 16,384 codes)", ("quantizer.bridge=L/8",)),
     Experiment("L8-batch128", "the paper's bridge with 4x the tokens per step",
                ("quantizer.bridge=L/8", "batch_size=128"), runs=(("bridge", 65536), ("bridge", 262144))),

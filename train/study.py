@@ -28,15 +28,11 @@ import sys
 from pathlib import Path
 
 from fullvq.config import QUANTIZERS
-from fullvq.study import Plan, StudyError, finished_result, run_one, write_report
+from fullvq.study import RULE_TOKENS_PER_CODE, Plan, StudyError, finished_result, run_one, write_report
 
 QUICK = {"sizes": "1024,4096", "quantizers": "vq,bridge", "steps": 300, "metric_images": 64, "tokens_per_code": 0}
-# The budget rule: every K trains on at least the 375 tokens per code that 3000 steps of 32 crops give
-# 16,384 codes, where the bridge uses >= 99% of its codes; beyond, the batch grows (65,536: 128 crops,
-# 262,144: 512). At 65,536 codes the study's old 94 tokens per code left 6 of B/8's 64 patch
-# positions dead (89.4%); 375 left none (99.1%). docs/study/usage_vs_budget.md has the curve.
 FULL = {"sizes": "1024,16384,65536,262144", "quantizers": ",".join(QUANTIZERS), "steps": 3000, "metric_images": 512,
-        "tokens_per_code": 375}
+        "tokens_per_code": RULE_TOKENS_PER_CODE}
 
 
 def csv(kind):

@@ -28,6 +28,11 @@ RESULT_KEYS = ("quantizer", "codebook_size", "usage", "num_tokens", "psnr", "psn
 # usage_train's second density is asked for up to this K: FVQ's own count there is 49 tokens per code
 # (12.8M ImageNet-val tokens over 262,144 codes); 50 per code at 1M codes would be 52M lookups, hours on a CPU
 DENSE_USAGE_MAX_K = 262_144
+# The study's budget rule (planned_batch): every K trains on at least the tokens per code that 3000
+# steps of 32 crops give 16,384 codes, where the bridge uses >= 99% of them. At 65,536 codes the
+# 94 per code of the same batch left 6 of B/8's 64 patch positions dead (89.4%); 375 left none
+# (99.1%): docs/study/usage_vs_budget.md.
+RULE_TOKENS_PER_CODE = 375
 
 
 class StudyError(RuntimeError):
