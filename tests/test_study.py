@@ -82,3 +82,5 @@ def test_budget_rule_grows_the_batch_in_whole_multiples(tmp_path):
     with pytest.raises(StudyError, match="3000 steps x 32 crops, this study asks for 3000 x 128: use another --out"):
         check_comparable(plan, finished)
     check_comparable(plan, finished | {"batch_size": 128})
+    with pytest.raises(StudyError, match="before the study recorded batch sizes"):
+        check_comparable(plan, {k: v for k, v in finished.items() if k != "batch_size"})

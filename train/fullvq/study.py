@@ -61,7 +61,7 @@ class Plan:
 
 def planned_config(plan: Plan, quantizer: str, k: int) -> Config:
     """The run this plan trains at (quantizer, K): the tiny preset, the plan's steps, overrides,
-    bridge and batch, and for lc the path of its codebook (lc_codebook builds it)."""
+    bridge and batch, and for lc the path of its codebook (build_lc_codebook_once builds it)."""
     cfg = preset("tiny")
     cfg.quantizer.name, cfg.quantizer.codebook_size, cfg.steps = quantizer, k, plan.steps
     cfg.data, cfg.out, cfg.eval_tokens_per_code = plan.data, str(plan.run_dir(quantizer, k)), plan.tokens_per_code(k)
@@ -80,8 +80,8 @@ def planned_config(plan: Plan, quantizer: str, k: int) -> Config:
 def planned_batch(plan: Plan, cfg: Config) -> int:
     """The budget rule: cfg's batch times the smallest whole number that gives the run at least
     plan.min_train_tokens_per_code training tokens per code in its steps. More tokens per step
-    rather than more steps: a step of the bridge costs the same at any batch, and on a CPU at 262,144
-    codes its pass over the codebook is most of the step."""
+    rather than more steps: the bridge's pass over the codebook costs the same at any batch, so the
+    same tokens cost it least in the fewest steps."""
     return cfg.batch_size * max(1, math.ceil(plan.min_train_tokens_per_code / train_tokens_per_code(cfg)))
 
 
@@ -124,6 +124,9 @@ def check_comparable(plan: Plan, result: dict) -> None:
     """StudyError unless a finished run is the one this plan would train (steps, batch, bridge)."""
     folder = plan.run_dir(result["quantizer"], result["codebook_size"])
     want = planned_config(plan, result["quantizer"], result["codebook_size"])
+    if "batch_size" not in result:
+        raise StudyError(f"{folder} holds a finished run from before the study recorded batch sizes: add its "
+                         f"\"batch_size\" to its result.json, or move that folder away to train it anew")
     if (result["steps"], result["batch_size"]) != (want.steps, want.batch_size):
         raise StudyError(f"{folder} holds a finished run of {result['steps']} steps x {result['batch_size']} crops, "
                          f"this study asks for {want.steps} x {want.batch_size}: use another --out (runs of "
