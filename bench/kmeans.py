@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from fullvq.data import default_photos
-from fullvq.lc_codebook import (extract_patch_features, flat_kmeans_flop, kmeans, load_feature_encoder,
-                                two_level_kmeans)
+from fullvq.lc_codebook import (FLAT_KMEANS_MAX_CPU_FLOP, extract_patch_features, flat_kmeans_flop, kmeans,
+                                load_feature_encoder, two_level_kmeans)
 from fullvq.lookup import nearest_codes
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--sizes", default="4096,16384,262144")
     p.add_argument("--features-per-code", type=int, default=4)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--flat-max-flop", type=float, default=5e13)
+    p.add_argument("--flat-max-flop", type=float, default=FLAT_KMEANS_MAX_CPU_FLOP)
     p.add_argument("--json")
     args = p.parse_args()
     encoder = load_feature_encoder("efficientnet-lite0")
