@@ -13,7 +13,7 @@ training crops (usage_train at 10 and 50 tokens per code; 10 only beyond 262,144
 OUT/results.json, OUT/results.md and the plots OUT/usage_vs_k.png and OUT/psnr_vs_k.png.
 Finished runs are not retrained (one measured at fewer usage_train densities is measured again from
 its checkpoint); a finished run of another budget or bridge stops the study with the reason. An
-interrupted run resumes from its last checkpoint (every 250 steps). --quick: K = 1024 and 4096, vq
+interrupted run resumes from its last checkpoint (every 100 steps). --quick: K = 1024 and 4096, vq
 and bridge, 300 steps, no budget rule (minutes). --report-only: write the report from the runs
 finished so far (the others are listed as not run), training and measuring nothing.
 key=value overrides apply to every run (e.g. batch_size=16).
