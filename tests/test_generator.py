@@ -90,8 +90,9 @@ def _generator_parts(**section):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(vocab_size=65), "do not match"), (dict(seq_len=15), "do not match"), (dict(null_class=2), "null class"),
-    (dict(layers=0), "positive integers"), (dict(grid=[4]), "grid")])
+    (dict(vocab_size=65), "do not match"), (dict(seq_len=15), "sequence length 15 is not its grid"),
+    (dict(null_class=2), "null class"), (dict(layers=0), "positive integers"), (dict(grid=[4]), "grid"),
+    (dict(grid=[8, 8], seq_len=64), r"grid \(8, 8\) do not match the tokenizer's 64 codes in a \(4, 4\) grid")])
 def test_inconsistent_generator_section_is_an_engine_error(tmp_path, change, message):
     from fullvq_rt.bundle import read_bundle
 
@@ -100,6 +101,26 @@ def test_inconsistent_generator_section_is_an_engine_error(tmp_path, change, mes
     write_bundle(tmp_path / "bad.engine", manifest, members)
     with pytest.raises(EngineError, match=message):
         read_bundle(tmp_path / "bad.engine")
+
+
+def test_a_tokenizer_of_any_size_takes_a_generator_of_another_grid(tmp_path):
+    from fullvq_rt.bundle import describe, read_bundle
+
+    manifest, members = _generator_parts()  # a 16 px, 4 x 4 token tokenizer whose graphs take any size
+    manifest["generator"].update(grid=[8, 8], seq_len=64)  # trained on codes of 32 px images
+    write_bundle(tmp_path / "a.engine", dict(manifest, dynamic_size=True), members)
+    bundle = read_bundle(tmp_path / "a.engine")
+    assert bundle.generator.grid == (8, 8) and "8x8 tokens (32x32 px)" in describe(bundle)
+
+
+def test_export_takes_a_generator_of_another_grid_when_the_tokenizer_takes_any_size(tiny_engine, tmp_path):
+    from fullvq.export import export
+
+    gpt = gpt_checkpoint(tmp_path / "gpt.pt", vocab=1024, grid=(6, 5))  # codes of 24 x 20 px images
+    export(tiny_engine[0], tmp_path / "g.engine", generator=gpt)
+    gen = Generator(tmp_path / "g.engine", device="cpu")
+    assert gen.grid == (6, 5) and gen.image_size == (24, 20)
+    assert gen.sample([0, 1], top_k=1, seed=0).shape == (2, 24, 20, 3)
 
 
 def test_generator_members_and_section_come_together(tmp_path):

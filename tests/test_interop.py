@@ -188,11 +188,17 @@ def test_export_from_llamagen_runs_in_the_runtime(tmp_path):
     assert "converted llamagen weights from 'model'" in done.stdout and "metric cosine" in done.stdout
     manifest = json.loads(zipfile.ZipFile(tmp_path / "lg.engine").read("manifest.json"))
     assert manifest["metric"] == "cosine" and manifest["built_by"]["converted_from"]["format"] == "llamagen"
+    assert manifest["dynamic_size"] is True and manifest["checked_sizes"] == [[16, 16], [64, 64], [64, 128]]
     tok = fullvq_rt.Tokenizer(tmp_path / "lg.engine", backend="onnxruntime")
-    images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
-    tokens = tok.encode(images)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    assert_same_codes(tokens, ref.encode(sd, x, l2_norm=True)[1].numpy(), *lookup_space(sd, x, unit_norm=True))
+    for h, w in ((64, 64), (16, 16), (128, 128), (192, 320)):  # the export size, 1, 8x8 and 12x20 tokens
+        images = np.random.default_rng(h + w).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+        tokens = tok.encode(images)
+        assert tokens.shape == (2, h // 16, w // 16)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        quant, want = ref.encode(sd, x, l2_norm=True)
+        assert_same_codes(tokens, want.numpy(), *lookup_space(sd, x, unit_norm=True))
+        decoded = ((ref.decode(sd, quant).clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+        assert np.abs(tok.decode(want.numpy()).astype(float) - decoded).max() <= 1  # float rounding at .5
 
 
 def test_converted_file_is_an_ordinary_checkpoint_that_fine_tunes(tmp_path):

@@ -1,9 +1,11 @@
 """The engine bundle `fvq.engine`: one self-describing zip archive (members stored, not compressed).
 
-    manifest.json                format, version, image size, token grid, codebook, metric, input
-                                 normalisation, sha256 and size of every member, what built it
+    manifest.json                format, version, training image size, downsample factor f, token grid,
+                                 whether the graphs take other sizes (dynamic_size, checked_sizes, else
+                                 fixed_size_reason), codebook, metric, input normalisation, sha256 and
+                                 size of every member, what built it
     codebook.npy                 (K, D) float32, baked
-    encoder.onnx, decoder.onnx   image (B, 3, H, W) in [-1, 1] -> latents (B, D, h, w); codes -> image
+    encoder.onnx, decoder.onnx   image (B, 3, H, W) in [-1, 1] -> latents (B, D, H/f, W/f); codes -> image
     trt/sm_XY/encoder.plan ...   optional TensorRT plans for one GPU architecture (manifest "trt")
     generator/prefill.onnx,      optional, the autoregressive generator (manifest "generator": vocabulary,
     generator/decode.onnx        grid, classes, null class, KV-cache layout); see fullvq_rt.generator
@@ -51,9 +53,12 @@ class TrtPlans:
     """TensorRT plans for one GPU architecture, e.g. arch "sm_90"."""
 
     arch: str
-    tensorrt: str           # the TensorRT version that built (and must run) them
+    tensorrt: str           # the TensorRT version that built (and must run) them, exactly
     precision: str
     batch: tuple[int, int, int]  # optimisation profile min, opt, max
+    size: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (H, W) min, opt, max in pixels
+    hardware_compatibility: str = "none"  # "same_compute_capability": any GPU of `arch`; "none": the GPU `gpu`
+    gpu: str = ""           # the name of the GPU that built them ("" in bundles that predate the field)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class Bundle:
     trt: dict[str, TrtPlans]
     manifest: dict[str, Any]
     generator: GeneratorSpec | None = None
+    dynamic_size: bool = False  # the graphs take any H, W that are multiples of `downsample`
+    fixed_size_reason: str = ""  # why not, when not
 
 
 def write_bundle(path: str | os.PathLike, manifest: dict[str, Any], members: dict[str, bytes]) -> None:
@@ -246,12 +253,18 @@ def _build(path: Path, manifest: dict[str, Any], members: dict[str, bytes]) -> B
     if metric not in METRICS:
         raise _fail(path, MANIFEST, f"metric must be one of {METRICS}, got {metric!r}")
     codebook = _load_codebook(path, members["codebook.npy"], (k, d))
+    dynamic = manifest.get("dynamic_size", False)
+    if not isinstance(dynamic, bool):
+        raise _fail(path, MANIFEST, f"'dynamic_size' must be true or false, got {dynamic!r}")
+    reason = manifest.get("fixed_size_reason", "" if dynamic else "it was exported by a fullvq without dynamic sizes")
     return Bundle(path, image_size, f, grid, metric, codebook, members, _trt_plans(path, manifest, members),
-                  manifest, _generator(path, manifest, members, k, grid))
+                  manifest, _generator(path, manifest, members, k, None if dynamic else grid), dynamic, str(reason))
 
 
 def _generator(path: Path, manifest: dict[str, Any], members: dict[str, bytes], k: int,
-               grid: tuple[int, int]) -> GeneratorSpec | None:
+               grid: tuple[int, int] | None) -> GeneratorSpec | None:
+    """The generator's spec; its grid must be the tokenizer's `grid`, unless that is None (a tokenizer
+    that decodes any grid)."""
     section = manifest.get("generator")
     present = [name for name in GENERATOR_MEMBERS if name in members]
     if section is None:
@@ -265,9 +278,11 @@ def _generator(path: Path, manifest: dict[str, Any], members: dict[str, bytes], 
     if not isinstance(section, dict) or not all(_is_int(section.get(key), 1) for key in fields):
         raise _fail(path, MANIFEST, f"'generator' needs positive integers {list(fields)}, got {section!r}")
     spec = GeneratorSpec(grid=_pair(path, section, "grid"), **{key: int(section[key]) for key in fields})
-    if spec.vocab_size != k or spec.grid != grid or spec.seq_len != grid[0] * grid[1]:
-        raise _fail(path, MANIFEST, f"the generator's vocabulary {spec.vocab_size}, grid {spec.grid} and sequence "
-                                    f"length {spec.seq_len} do not match the tokenizer's {k} codes in a {grid} grid")
+    if spec.seq_len != spec.grid[0] * spec.grid[1]:
+        raise _fail(path, MANIFEST, f"the generator's sequence length {spec.seq_len} is not its grid {spec.grid}'s")
+    if spec.vocab_size != k or grid not in (None, spec.grid):
+        raise _fail(path, MANIFEST, f"the generator's vocabulary {spec.vocab_size} and grid {spec.grid} do not "
+                                    f"match the tokenizer's {k} codes" + (f" in a {grid} grid" if grid else ""))
     if spec.null_class != spec.num_classes:
         raise _fail(path, MANIFEST, f"the generator's null class must be {spec.num_classes} (one past the last "
                                     f"class), got {spec.null_class}")
@@ -300,10 +315,15 @@ def _trt_plans(path: Path, manifest: dict[str, Any], members: dict[str, bytes]) 
         if not ok:
             raise _fail(path, MANIFEST, f"trt entry {arch!r} needs tensorrt (version), precision and batch "
                                         f"[min, opt, max], got {entry!r}")
+        for key in ("hardware_compatibility", "gpu"):
+            if not isinstance(entry.get(key, ""), str):
+                raise _fail(path, MANIFEST, f"trt entry {arch!r}: {key!r} must be a string, got {entry[key]!r}")
         for net in ("encoder", "decoder"):
             if f"trt/{arch}/{net}.plan" not in members:
                 raise _fail(path, f"trt/{arch}/{net}.plan", "is missing for the manifest's trt entry")
-        plans[arch] = TrtPlans(arch, entry["tensorrt"], entry["precision"], tuple(entry["batch"]))
+        plans[arch] = TrtPlans(arch, entry["tensorrt"], entry["precision"], tuple(entry["batch"]),
+                               _trt_size(path, manifest, arch, entry),
+                               entry.get("hardware_compatibility", "none"), entry.get("gpu", ""))
     for name in members:
         match = _TRT_PLAN.fullmatch(name)
         if match and match.group(1) not in plans:
@@ -311,12 +331,34 @@ def _trt_plans(path: Path, manifest: dict[str, Any], members: dict[str, bytes]) 
     return plans
 
 
+def _trt_size(path: Path, manifest: dict[str, Any], arch: str,
+              entry: dict[str, Any]) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """A trt entry's size profile, [[H, W] min, opt, max] in pixels, each a multiple of the
+    downsampling factor; bundles that predate the field were built for image_size only."""
+    image_size = _pair(path, manifest, "image_size")
+    if "size" not in entry:
+        return (image_size,) * 3
+    value, f = entry["size"], manifest.get("downsample")
+    ok = (isinstance(value, list) and len(value) == 3
+          and all(isinstance(p, list) and len(p) == 2 and all(_is_int(v, 1) for v in p) for p in value))
+    if ok:
+        (h0, w0), (h1, w1), (h2, w2) = value
+        ok = h0 <= h1 <= h2 and w0 <= w1 <= w2 and (not _is_int(f, 1) or all(v % f == 0 for p in value for v in p))
+    if not ok:
+        raise _fail(path, MANIFEST, f"trt entry {arch!r}: 'size' must be [[H, W] min, opt, max] in pixels, "
+                                    f"min <= opt <= max, multiples of the downsampling factor {f}; got {value!r}")
+    return tuple((int(h), int(w)) for h, w in value)
+
+
 def describe(bundle: Bundle) -> str:
-    """One line: image size, grid, codebook and plans."""
+    """One line: image size, grid, codebook, generator and plans."""
     k, d = bundle.codebook.shape
-    plans = ", ".join(f"{p.arch} TensorRT {p.tensorrt} {p.precision}" for p in bundle.trt.values()) or "none"
+    plans = ", ".join(f"{p.arch} TensorRT {p.tensorrt} {p.precision} (batch {p.batch[0]}-{p.batch[2]}, "
+                      f"{p.size[0][0]}x{p.size[0][1]} to {p.size[2][0]}x{p.size[2][1]} px)"
+                      for p in bundle.trt.values()) or "none"
     g = bundle.generator
-    generator = (f"; generator: {g.layers} layers x {g.heads} heads, {g.num_classes} classes" if g else "")
+    generator = (f"; generator: {g.layers} layers x {g.heads} heads, {g.num_classes} classes, {g.grid[0]}x{g.grid[1]} "
+                 f"tokens ({g.grid[0] * bundle.downsample}x{g.grid[1] * bundle.downsample} px)" if g else "")
     return (f"{bundle.path.name}: {bundle.image_size[0]}x{bundle.image_size[1]} images -> "
             f"{bundle.grid[0]}x{bundle.grid[1]} tokens of {k} codes (dim {d}, {bundle.metric}, "
             f"{math.log2(k):.1f} bits){generator}; TensorRT plans: {plans}")

@@ -45,8 +45,14 @@ class Generator:
         return self.spec.num_classes
 
     @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w): the token grid the generator was trained on, and samples."""
+        return self.spec.grid
+
+    @property
     def image_size(self) -> tuple[int, int]:
-        return self.tokenizer.image_size
+        """(H, W) of the images it samples: its grid times the tokenizer's downsampling factor."""
+        return self.spec.grid[0] * self.tokenizer.downsample, self.spec.grid[1] * self.tokenizer.downsample
 
     def sample(self, class_ids: Any, cfg: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                seed: int | None = None) -> np.ndarray:

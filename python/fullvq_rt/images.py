@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 
-def as_uint8_batch(images: Any, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
-    """(batch (B, H, W, 3) uint8, whether a single image was given). A (B, H, W, 3) uint8 array is a
-    batch; a list may mix PIL images, arrays and paths. Every image must be `size` = (H, W)."""
+def as_uint8_images(images: Any) -> tuple[list[np.ndarray], bool]:
+    """([(H, W, 3) uint8, ...], whether a single image was given). A (B, H, W, 3) uint8 array is a
+    batch; a list may mix PIL images, arrays and paths, of any sizes."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
         batch = [images[i] for i in range(len(images))]
         single = False
@@ -20,11 +20,10 @@ def as_uint8_batch(images: Any, size: tuple[int, int]) -> tuple[np.ndarray, bool
         batch, single = [images], True
     if not batch:
         raise ValueError("no images given: pass an image, a path, a (B, H, W, 3) uint8 array or a non-empty list")
-    arrays = [_one(image, i, size) for i, image in enumerate(batch)]
-    return np.stack(arrays), single
+    return [_one(image, i) for i, image in enumerate(batch)], single
 
 
-def _one(image: Any, position: int, size: tuple[int, int]) -> np.ndarray:
+def _one(image: Any, position: int) -> np.ndarray:
     where = f"image {position}"
     if isinstance(image, (str, os.PathLike)):
         where, image = f"{os.fspath(image)!r}", _open(image)
@@ -37,11 +36,25 @@ def _one(image: Any, position: int, size: tuple[int, int]) -> np.ndarray:
                          f"(x * 255).round().clip(0, 255).astype(np.uint8)")
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"{where}: arrays must be HxWx3 (RGB), got shape {image.shape}")
-    if image.shape[:2] != size:
-        raise ValueError(f"{where} is {image.shape[0]}x{image.shape[1]} (HxW), this tokenizer takes "
-                         f"{size[0]}x{size[1]}: resize or crop it first (e.g. PIL's ImageOps.fit(img, "
-                         f"({size[1]}, {size[0]})))")
+    if 0 in image.shape:
+        raise ValueError(f"{where}: the image is empty (shape {image.shape})")
     return image
+
+
+def fit_sides(image: np.ndarray, f: int, position: int, pad: bool) -> np.ndarray:
+    """`image` (H, W, 3) whose sides are multiples of f: as it is, or with pad=True reflected across its
+    bottom and right edges up to the next multiples (the top-left pixel stays at token (0, 0));
+    otherwise ValueError naming the nearest valid sizes."""
+    h, w = image.shape[:2]
+    if h % f == 0 and w % f == 0:
+        return image
+    if not pad:
+        up = f"{h + (-h % f)}x{w + (-w % f)}"
+        down = f"{h - h % f}x{w - w % f} (crop) and " if h >= f and w >= f else ""
+        raise ValueError(f"image {position} is {h}x{w} (HxW): this tokenizer takes sides that are multiples of "
+                         f"{f} (its downsampling factor); the nearest valid sizes are {down}{up}; crop or resize "
+                         f"it, or pass pad=True to pad it to {up} (decode(..., crop_to=({h}, {w})) undoes that)")
+    return np.pad(image, ((0, -h % f), (0, -w % f), (0, 0)), mode="reflect")
 
 
 def _open(path: str | os.PathLike) -> Any:

@@ -77,15 +77,20 @@ def _parity(name: str, module: nn.Module, graph: bytes, example: tuple, input_na
     return error
 
 
-def export_generator(ckpt: str | Path, vocab_size: int, grid: tuple[int, int]) -> tuple[dict[str, bytes], dict, dict]:
+def export_generator(ckpt: str | Path, vocab_size: int,
+                     grid: tuple[int, int] | None) -> tuple[dict[str, bytes], dict, dict]:
     """(members, manifest section, parity) of a generator checkpoint, checked against the tokenizer's
-    vocabulary and grid (a generator trained on another tokenizer's codes is refused)."""
+    vocabulary and its grid (None: a tokenizer that takes any size, e.g. codes extracted at 512 px by a
+    256 px tokenizer). A generator trained on another tokenizer's codes is refused."""
     model, cfg = checkpoint.load_gpt(ckpt)
     model = model.float().eval()
-    if cfg.vocab_size != vocab_size or tuple(cfg.grid) != tuple(grid):
+    if cfg.vocab_size != vocab_size or grid not in (None, tuple(cfg.grid)):
+        fixed = f" in a fixed {tuple(grid)} grid" if grid else ""
+        made_by = cfg.tokenizer or "see the codes folder meta.json"
         raise ExportError(f"{ckpt}: the generator was trained on {cfg.vocab_size} codes in a {tuple(cfg.grid)} grid, "
-                          f"the tokenizer has {vocab_size} codes in a {tuple(grid)} grid: export the tokenizer that "
-                          f"made its codes ({cfg.tokenizer or 'see the codes folder meta.json'})")
+                          f"the tokenizer has {vocab_size} codes{fixed}: export the tokenizer that made its codes "
+                          f"({made_by})")
+    grid = tuple(cfg.grid)
     m = cfg.model
     spec = GeneratorSpec(vocab_size, tuple(grid), cfg.num_classes, cfg.num_classes, m.n_layer, m.n_head,
                          m.dim // m.n_head, grid[0] * grid[1])

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from ..bundle import Bundle, EngineError
 from .ort import OnnxRuntimeBackend
 from .trt import TensorRTBackend, tensorrt_status
@@ -24,14 +26,23 @@ def parse_device(device: str) -> tuple[str, int]:
 
 def open_backend(bundle: Bundle, device: str, backend: str, num_threads: int | None):
     """The backend for `device` and `backend` (see Tokenizer): for "auto", a TensorRT plan that fits
-    this GPU and TensorRT version, else ONNX Runtime (CUDA provider when present, else CPU)."""
+    this GPU and TensorRT version, else ONNX Runtime (CUDA provider when present, else CPU), with a
+    RuntimeWarning saying why when the bundle has TensorRT plans that are not used."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
     kind, index = parse_device(device)
     if backend == "tensorrt" or (backend == "auto" and kind != "cpu"):
         usable, reason = tensorrt_status(bundle, index)
         if usable:
-            return TensorRTBackend(bundle, index)
+            try:
+                return TensorRTBackend(bundle, index)
+            except EngineError as e:  # e.g. a plan this TensorRT or GPU cannot deserialise
+                if backend == "tensorrt":
+                    raise
+                usable, reason = False, str(e)
         if backend == "tensorrt":
             raise EngineError(f"{bundle.path}: cannot use TensorRT: {reason}")
+        if bundle.trt:  # plans were shipped for speed: say why they are not used
+            warnings.warn(f"{bundle.path}: using ONNX Runtime, not the bundle's TensorRT plans: {reason} "
+                          f"(pass backend='onnxruntime' to choose it explicitly)", RuntimeWarning, stacklevel=3)
     return OnnxRuntimeBackend(bundle, kind, index, num_threads)
