@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,16 +242,17 @@ def _plot(path: Path, results: list[dict], key: str, label: str, percent: bool =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for quantizer in dict.fromkeys(r["quantizer"] for r in results):
         points = sorted((r["codebook_size"], r[key]) for r in results
                         if r["quantizer"] == quantizer and r.get(key) is not None)
         if points:
             ks, values = zip(*points)
             ax.plot(ks, [v * 100 for v in values] if percent else values, marker="o", label=quantizer)
-    ax.set(xscale="log", xlabel="codebook size K", ylabel=label + (" %" if percent else ""))
+    ax.set(xscale="log", xlabel="codebook size K",
+           ylabel=textwrap.fill(label + (" (%)" if percent else ""), 36))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="best")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
