@@ -7,10 +7,12 @@
 //                  FP32 "GEMM" whose epilogue keeps each row's running minimum; K is split over
 //                  grid.y and the partial results meet in one packed uint64 atomicMin per row
 //   finish_kernel  packed (score, index) keys -> indices and distances
-// Memory per lookup: O(M) plus a bounded chunk of prepared queries; never M x K.
+// Memory per lookup: O(M) plus a bounded chunk of prepared queries; never M x K. All device memory
+// (scratch, prepared codebooks, result arrays) is stream-ordered, from the per-device pool.
 #include "lookup_cuda.h"
 
 #include "cuda_errors.h"
+#include "cuda_memory.h"
 
 #include "checks.h"
 
@@ -44,38 +46,15 @@ constexpr unsigned long long kNoRow = ~0ull;
 static_assert(kTile % (kThreads / kSlab) == 0 && kTile / 4 <= kThreads, "slab copies must tile the block");
 static_assert(kTile == 16 * kMicro && kSlab == 8, "thread layout assumes 16 x 16 threads, 8-wide slabs");
 
-const cudaStream_t kStream = cudaStreamLegacy;
-
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 int64_t ceil_div(int64_t n, int64_t m) { return (n + m - 1) / m; }
 
 void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
 
-// Per-device state created once: a memory pool that keeps scratch cached between calls (the
-// default pool returns it to the driver at every synchronisation) and the scan grid capacity.
+// Per-device state created once: the device's memory pool (device_pool) and the scan grid capacity.
 struct DeviceInfo {
     cudaMemPool_t pool;
     int resident_blocks;  // scan_kernel blocks that run at once on the whole device
-};
-
-// Stream-ordered scratch of n elements of T from the device pool (nullptr when n == 0).
-template <class T>
-class Scratch {
-public:
-    Scratch(int64_t n, const DeviceInfo& info) {
-        if (n > 0)
-            check(cudaMallocFromPoolAsync(reinterpret_cast<void**>(&ptr_), size_t(n) * sizeof(T), info.pool, kStream),
-                  "cudaMallocFromPoolAsync");
-    }
-    ~Scratch() {
-        if (ptr_) cudaFreeAsync(ptr_, kStream);
-    }
-    Scratch(const Scratch&) = delete;
-    Scratch& operator=(const Scratch&) = delete;
-    T* get() const { return ptr_; }
-
-private:
-    T* ptr_ = nullptr;
 };
 
 template <class T>
@@ -366,13 +345,7 @@ const DeviceInfo& device_info(int device) {  // the device must be current
     check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, scan_kernel, kThreads, 0),
           "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     info.resident_blocks = std::max(1, sms * per_sm);
-    cudaMemPoolProps props{};
-    props.allocType = cudaMemAllocationTypePinned;
-    props.location.type = cudaMemLocationTypeDevice;
-    props.location.id = device;
-    check(cudaMemPoolCreate(&info.pool, &props), "cudaMemPoolCreate");
-    uint64_t keep = uint64_t(256) << 20;  // bytes left cached after a synchronisation
-    check(cudaMemPoolSetAttribute(info.pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
+    info.pool = device_pool(device);
     return infos.emplace(device, info).first->second;
 }
 
@@ -389,7 +362,7 @@ void prepare(const MatrixView& src, const RowTransform& tf, int64_t rows_p, int6
 void column_mean(const MatrixView& codes, float* mean, const DeviceInfo& info) {
     const int parts = int(std::min<int64_t>(ceil_div(codes.rows, 256), 4096));
     const int64_t rows_per_part = ceil_div(codes.rows, parts);
-    Scratch<double> partial(int64_t(parts) * codes.cols, info);
+    Scratch<double> partial(int64_t(parts) * codes.cols, info.pool);
     column_sums<<<dim3(unsigned(ceil_div(codes.cols, 32)), unsigned(parts)), dim3(32, 8), 0, kStream>>>(
         codes, rows_per_part, partial.get());
     check_launch("column_sums");
@@ -419,26 +392,52 @@ int tiles_per_block(int64_t row_tiles, int n_tiles, int resident_blocks) {
 
 // ---------------------------------------------------------------------------------------------
 
+cudaMemPool_t device_pool(int device) {
+    static std::mutex mutex;
+    static std::map<int, cudaMemPool_t> pools;  // never destroyed: pools outlive any static teardown
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto found = pools.find(device);
+    if (found != pools.end()) return found->second;
+
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = device;
+    cudaMemPool_t pool;
+    check(cudaMemPoolCreate(&pool, &props), "cudaMemPoolCreate");
+    uint64_t keep = uint64_t(256) << 20;  // bytes left cached after a synchronisation
+    const cudaError_t err = cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+    if (err != cudaSuccess) {
+        cudaMemPoolDestroy(pool);
+        check(err, "cudaMemPoolSetAttribute");
+    }
+    return pools.emplace(device, pool).first->second;
+}
+
 int device_count() noexcept {
     int n = 0;
     return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
 }
 
+// Stream-ordered on the device's legacy default stream, like every kernel here: no device-wide
+// synchronisation (cudaMalloc/cudaFree may synchronise the device).
 void* device_alloc(size_t bytes, int device) {
     if (bytes == 0) return nullptr;
     DeviceGuard guard(device);
     void* ptr = nullptr;
-    check(cudaMalloc(&ptr, bytes), "cudaMalloc");
+    check(cudaMallocFromPoolAsync(&ptr, bytes, device_pool(device), kStream), "cudaMallocFromPoolAsync");
     return ptr;
 }
 
+// The block returns to the pool once the legacy default stream's earlier work is done; work on
+// other non-blocking streams that still reads it must be finished by then (the owner's contract).
 void device_free(void* ptr, int device) noexcept {
     if (!ptr) return;
     int previous = device;
-    cudaGetDevice(&previous);
-    cudaSetDevice(device);
-    cudaFree(ptr);
-    cudaSetDevice(previous);
+    const bool switch_device = cudaGetDevice(&previous) == cudaSuccess && previous != device;
+    if (switch_device) cudaSetDevice(device);
+    cudaFreeAsync(ptr, kStream);
+    if (switch_device) cudaSetDevice(previous);
 }
 
 DeviceCodebook::DeviceCodebook(const MatrixView& codes, Metric metric, int device)
@@ -451,8 +450,8 @@ DeviceCodebook::DeviceCodebook(const MatrixView& codes, Metric metric, int devic
         codes_ = static_cast<float*>(device_alloc(size_t(kp * dp) * sizeof(float), device));
         bias_ = static_cast<float*>(device_alloc(size_t(kp) * sizeof(float), device));
         mean_ = static_cast<float*>(device_alloc(size_t(dim_) * sizeof(float), device));
-        Scratch<double> squared_norms(size_, info);
-        Scratch<unsigned long long> bad_row(1, info);
+        Scratch<double> squared_norms(size_, info.pool);
+        Scratch<unsigned long long> bad_row(1, info.pool);
         check(cudaMemsetAsync(bad_row.get(), 0xff, sizeof(unsigned long long), kStream), "cudaMemsetAsync");
         if (metric == Metric::L2)
             column_mean(codes, mean_, info);
@@ -485,10 +484,10 @@ void DeviceCodebook::nearest(const MatrixView& x, int32_t* indices, float* dista
     const int n_tiles = int(ceil_div(size_, kTile));
     const int64_t chunk = std::max<int64_t>(kTile, kPrepFloats / dp / kTile * kTile);
 
-    Scratch<unsigned long long> keys(m, info), bad_row(1, info);
-    Scratch<double> squared_norms(m, info);
+    Scratch<unsigned long long> keys(m, info.pool), bad_row(1, info.pool);
+    Scratch<double> squared_norms(m, info.pool);
     // offset takes the padding rows' norm outputs too, hence round_up(m, kTile).
-    Scratch<float> offset(round_up(m, kTile), info), xq(std::min(chunk, round_up(m, kTile)) * dp, info);
+    Scratch<float> offset(round_up(m, kTile), info.pool), xq(std::min(chunk, round_up(m, kTile)) * dp, info.pool);
     check(cudaMemsetAsync(keys.get(), 0xff, size_t(m) * sizeof(unsigned long long), kStream), "cudaMemsetAsync");
     check(cudaMemsetAsync(bad_row.get(), 0xff, sizeof(unsigned long long), kStream), "cudaMemsetAsync");
 

@@ -22,7 +22,10 @@ constexpr bool compiled() {
 // Number of usable CUDA devices (0 when there is no driver or device); creates no context.
 int device_count() noexcept;
 
-// Device memory for results handed to Python (freed by the returned array's owner).
+// Device memory for results handed to Python (freed by the returned array's owner): stream-ordered
+// on the device's legacy default stream, from the device's memory pool, so neither call
+// synchronises the device. The memory may be reused once that stream's work before the free is
+// done: a reader on another (non-blocking) stream must finish before the array is released.
 void* device_alloc(size_t bytes, int device);
 void device_free(void* ptr, int device) noexcept;
 

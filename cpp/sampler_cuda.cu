@@ -1,16 +1,18 @@
 // The sampler on a CUDA device (see sampler_cuda.h; semantics in sampler.h). One block per output
-// row, on the legacy default stream:
+// row, on the legacy default stream, with scratch from the device's memory pool (cuda_memory.h):
 //   weigh_rows    guided logits g, their maximum, the row flags, weights w and their sum; with
 //                 top-k or top-p also the sort keys (row, inverted ranking key) and token indices
 //   (host)        row flags -> ValueError for bad logits (synchronises)
 //   radix sort    (only with top-k or top-p) the whole batch at once, stable: each row's tokens in
-//                 ranking order, equal logits by lower index
+//                 ranking order, equal logits by lower index; ping-pongs between two buffers of
+//                 keys and indices (cub::DoubleBuffer), so CUB allocates no third copy
 //   choose_rows   the cut (top-k: a count; top-p: a scan of the sorted weights), then the Philox
 //                 draw: a scan of the kept weights in token index order
 // The block reductions and scans have a fixed order, so the tokens are deterministic.
 #include "sampler_cuda.h"
 
 #include "cuda_errors.h"
+#include "cuda_memory.h"
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
@@ -26,27 +28,6 @@ namespace {
 
 constexpr int kThreads = 512;  // per block (one output row)
 constexpr int kItems = 4;      // consecutive tokens per thread per scan step
-const cudaStream_t kStream = cudaStreamLegacy;
-
-// Stream-ordered scratch of n elements of T (nullptr when n == 0).
-template <class T>
-class Scratch {
-public:
-    explicit Scratch(int64_t n) {
-        if (n > 0)
-            check(cudaMallocAsync(reinterpret_cast<void**>(&ptr_), size_t(n) * sizeof(T), kStream),
-                  "cudaMallocAsync");
-    }
-    ~Scratch() {
-        if (ptr_) cudaFreeAsync(ptr_, kStream);
-    }
-    Scratch(const Scratch&) = delete;
-    Scratch& operator=(const Scratch&) = delete;
-    T* get() const { return ptr_; }
-
-private:
-    T* ptr_ = nullptr;
-};
 
 struct MaxOp {
     template <class T>
@@ -215,11 +196,12 @@ void sample(const MatrixView& logits, const SamplingParams& p, int32_t* tokens, 
     const int64_t rows = logits.rows, v = logits.cols, n = batch * v;
     const bool guided = batch != rows, top_k = p.top_k > 0 && p.top_k < v, ranked = top_k || p.top_p < 1.0;
     DeviceGuard guard(device);
+    const cudaMemPool_t pool = device_pool(device);
 
-    Scratch<float> g(n), w(n);
-    Scratch<uint32_t> flags(rows + (guided ? batch : 0));
-    Scratch<unsigned long long> keys(ranked ? 2 * n : 0);
-    Scratch<int32_t> index(ranked ? 2 * n : 0);
+    Scratch<float> g(n, pool), w(n, pool);
+    Scratch<uint32_t> flags(rows + (guided ? batch : 0), pool);
+    Scratch<unsigned long long> keys(ranked ? 2 * n : 0, pool);  // the sort's two key buffers
+    Scratch<int32_t> index(ranked ? 2 * n : 0, pool);            // and two index buffers
     check(cudaMemsetAsync(flags.get(), 0, size_t(rows + (guided ? batch : 0)) * sizeof(uint32_t), kStream),
           "cudaMemsetAsync");
     weigh_rows<<<unsigned(batch), kThreads, 0, kStream>>>(logits, batch, guided, float(p.cfg_scale),
@@ -238,18 +220,20 @@ void sample(const MatrixView& logits, const SamplingParams& p, int32_t* tokens, 
     if (ranked) {
         int row_bits = 0;
         while ((int64_t(1) << row_bits) < batch) ++row_bits;
-        unsigned long long* keys_out = keys.get() + n;
-        int32_t* index_out = index.get() + n;
+        // weigh_rows wrote the first halves; the sort may overwrite either half and says which
+        // holds the result (Current()).
+        cub::DoubleBuffer<unsigned long long> key_buffers(keys.get(), keys.get() + n);
+        cub::DoubleBuffer<int32_t> index_buffers(index.get(), index.get() + n);
         size_t bytes = 0;
         const auto sort = [&](void* temp) {
-            check(cub::DeviceRadixSort::SortPairs(temp, bytes, keys.get(), keys_out, index.get(), index_out, n, 0,
-                                                  32 + row_bits, kStream),
+            check(cub::DeviceRadixSort::SortPairs(temp, bytes, key_buffers, index_buffers, n, 0, 32 + row_bits,
+                                                  kStream),
                   "cub::DeviceRadixSort::SortPairs");
         };
-        sort(nullptr);  // sizes the temporary storage
-        const Scratch<unsigned char> temp{int64_t(bytes)};
+        sort(nullptr);  // sizes the temporary storage (small: no copy of keys or indices)
+        const Scratch<unsigned char> temp(int64_t(bytes), pool);
         sort(temp.get());
-        sorted = index_out;
+        sorted = index_buffers.Current();
     }
     choose_rows<<<unsigned(batch), kThreads, 0, kStream>>>(v, g.get(), w.get(), sorted, top_k ? p.top_k : v, p.top_p,
                                                             p.seed, p.step, tokens);

@@ -192,3 +192,69 @@ def test_cupy_arrays() -> None:
     expected = _lookup(x, codebook, "l2")[0]
     got = fullvq_rt.nearest(cupy.from_dlpack(x), cupy.from_dlpack(codebook))
     assert np.array_equal(cupy.asnumpy(cupy.from_dlpack(got)), expected.cpu().numpy())
+
+
+def test_input_written_on_a_side_stream_is_read_after_it() -> None:
+    # x is filled on a non-blocking torch side stream, behind a ~0.1 s sleep, and handed to the core
+    # at once: the export (stream=1) must make the core's stream wait for the side stream.
+    src, codebook = _data(4096, 3000, 32, "l2", seed=14)
+    expected = _lookup(src, codebook, "l2")[0]
+    x = torch.zeros_like(src)
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        x.copy_(src)
+        book = fullvq_rt.Codebook(codebook)
+        got = torch.from_dlpack(book.nearest(x)).long()
+        once = torch.from_dlpack(fullvq_rt.nearest(x, codebook)).long()
+    torch.cuda.synchronize()
+    assert torch.equal(got, expected) and torch.equal(once, expected)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensor_on_another_device_than_the_current_one() -> None:
+    # torch refuses __dlpack__ for a tensor of another device than the current one (nanobind then
+    # fell back to to_dlpack, which synchronises nothing): the export enters the tensor's device,
+    # where torch's current stream is a side stream still writing x.
+    src, codebook = (t.to("cuda:1") for t in _data(2048, 1000, 16, "cosine", seed=15))
+    with torch.cuda.device(1):
+        expected = _lookup(src, codebook, "cosine")[0]
+        x = torch.zeros_like(src)
+        side = torch.cuda.Stream()
+        torch.cuda.synchronize()
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(100_000_000)
+            x.copy_(src)
+            with torch.cuda.device(0):  # cuda:1's current stream stays `side`
+                got = torch.from_dlpack(fullvq_rt.nearest(x, codebook, "cosine")).long()
+                assert torch.cuda.current_device() == 0
+    assert got.device == x.device and torch.equal(got, expected)
+
+
+def test_mixed_cuda_devices_raise_before_any_work() -> None:
+    x, codebook = _data(4, 20, 8, "l2", seed=16)
+    with pytest.raises(ValueError, match=r"x on cpu, codebook on cuda:\d"):
+        fullvq_rt.nearest(x.cpu().numpy(), codebook)
+
+
+def test_tensor_that_requires_grad_is_refused_with_what_to_do() -> None:
+    x, codebook = _data(4, 20, 8, "l2", seed=17)
+    with pytest.raises(ValueError, match=r"x cannot be shared .*detach"):
+        fullvq_rt.nearest(x.requires_grad_(), codebook)
+
+
+def test_result_arrays_return_to_the_pool() -> None:
+    # Results are pool allocations freed in stream order when their owner goes: 200 lookups of
+    # 8 MB of results each (1.6 GB in all) leave the device's free memory where it was, give or
+    # take the pool's cache (256 MB).
+    x, codebook = _data(1_000_000, 2000, 16, "l2", seed=18)
+    book = fullvq_rt.Codebook(codebook)
+    expected = torch.from_dlpack(book.nearest(x)).clone()
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    for _ in range(200):
+        got = torch.from_dlpack(book.nearest(x, return_distances=True)[0])
+    torch.cuda.synchronize()
+    assert torch.equal(got, expected)
+    assert torch.cuda.mem_get_info()[0] > free_before - (512 << 20)

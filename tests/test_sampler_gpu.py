@@ -70,3 +70,30 @@ def test_gpu_bad_logits_are_named(value, words):
         _gpu_tokens(logits)
     with pytest.raises(ValueError, match="temperature"):
         _gpu_tokens(np.zeros((2, 5), np.float32), temperature=0.0)
+
+
+def test_gpu_logits_written_on_a_side_stream_are_read_after_it():
+    # The logits are written on a non-blocking torch side stream behind a ~0.1 s sleep and sampled
+    # at once: the export (stream=1) must order the side stream's work before the sampler's.
+    logits = (2 * np.random.default_rng(3).standard_normal((16, 50000))).astype(np.float32)
+    expected = fullvq_rt.sample_logits(logits, cfg_scale=2.0, top_k=100, top_p=0.9, seed=4)
+    src = torch.from_numpy(logits).cuda()
+    x = torch.full_like(src, float("nan"))  # read early, it raises
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        x.copy_(src)
+        tokens = fullvq_rt.sample_logits(x, cfg_scale=2.0, top_k=100, top_p=0.9, seed=4)
+    np.testing.assert_array_equal(torch.from_dlpack(tokens).cpu().numpy(), expected)
+
+
+def test_gpu_large_ranked_batch():
+    # The radix sort ping-pongs between its two buffers (cub::DoubleBuffer): whichever holds the
+    # result, the tokens match the CPU's, over several steps so that pooled scratch is reused.
+    logits = (2 * np.random.default_rng(6).standard_normal((64, 262144))).astype(np.float32)
+    gpu = torch.from_numpy(logits).cuda()
+    for step in range(3):
+        got = torch.from_dlpack(fullvq_rt.sample_logits(gpu, top_k=1000, top_p=0.9, seed=1, step=step))
+        np.testing.assert_array_equal(got.cpu().numpy(),
+                                      fullvq_rt.sample_logits(logits, top_k=1000, top_p=0.9, seed=1, step=step))

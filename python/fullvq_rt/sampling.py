@@ -15,7 +15,9 @@ rows [0, B) conditional and [B, 2B) unconditional, guided = uncond + cfg_scale *
 So the same (seed, step, logits) give the same tokens for any thread count; use one seed per
 image batch and the token position as ``step``. -inf logits mask tokens; NaN and +inf are errors.
 CPU arrays of any floating dtype are accepted (converted to float32); CUDA arrays (``__dlpack__``
-on a CUDA device) must be float32 and give CUDA tokens.
+on a CUDA device) must be float32 and give CUDA tokens; they are exported for the core's stream,
+with their device current, so work still pending on them on another stream (a torch side stream)
+is ordered before the sampler reads them (see :mod:`fullvq_rt.lookup`).
 """
 
 from __future__ import annotations
