@@ -30,11 +30,21 @@ def reference(tiny_generator):
 
 def test_export_checks_both_graphs_and_records_the_settings(tiny_generator):
     path, _, _, report = tiny_generator
-    assert report.parity["generator/prefill"] < 1e-4 and report.parity["generator/decode"] < 1e-4
+    assert set(report.parity) >= {"generator/prefill", "generator/decode"}  # both graphs were checked
     gen = Generator(path, device="cpu")
     s = gen.spec
     assert (s.num_classes, s.null_class, s.layers, s.heads, s.head_dim) == (NUM_CLASSES, NUM_CLASSES, 2, 2, 16)
     assert s.seq_len == s.grid[0] * s.grid[1] and s.vocab_size == len(gen.tokenizer.codebook)
+
+
+def test_export_fails_when_a_generator_graph_differs_from_pytorch(tiny_engine, tiny_generator, tmp_path, monkeypatch):
+    from fullvq import export_gpt
+    from fullvq.export import ExportError, export
+
+    monkeypatch.setattr(export_gpt, "PARITY_ATOL", -1.0)  # every graph now fails the check
+    with pytest.raises(ExportError, match=r"generator/prefill.onnx differs from PyTorch by .* over -1e\+00"):
+        export(tiny_engine[0], tmp_path / "x.engine", generator=tiny_generator[2])
+    assert not (tmp_path / "x.engine").exists()
 
 
 @pytest.mark.parametrize("cfg", [1.0, 3.0])

@@ -70,12 +70,25 @@ def test_data_errors(tmp_path):
 
 
 def test_crops_are_a_function_of_the_index(tmp_path):
-    Image.new("RGB", (80, 40), (200, 10, 10)).save(tmp_path / "a.png")
-    Image.new("RGB", (20, 10), (0, 0, 255)).save(tmp_path / "small.png")  # smaller than a crop
+    from fullvq.data import default_photos, split, to_tensor
+
+    default_photos()[0].resize((80, 40)).save(tmp_path / "a.png")  # a real photo: position and flip show
+    default_photos()[1].resize((20, 10)).save(tmp_path / "small.png")  # smaller than a crop: enlarged
     files = list_images(tmp_path)
-    a, b = TrainCrops(files, 16, seed=3), TrainCrops(files, 16, seed=3)
-    assert torch.equal(a[7], b[7]) and a[7].shape == (3, 16, 16)
-    assert not torch.equal(a[7], TrainCrops(files, 16, seed=4)[7]) or not torch.equal(a[8], a[7])
+    a, b, other = TrainCrops(files, 16, seed=3), TrainCrops(files, 16, seed=3), TrainCrops(files, 16, seed=4)
+    crops = [a[i] for i in range(24)]
+    assert all(torch.equal(crop, b[i]) for i, crop in enumerate(crops))  # a function of (seed, index) alone
+    assert len({crop.numpy().tobytes() for crop in crops}) >= 20  # indices draw different windows and flips
+    assert sum(torch.equal(crop, other[i]) for i, crop in enumerate(crops)) <= 2  # and so do seeds
+    windows = []  # every 16 x 16 window of each image's training region, as it is and mirrored
+    for file in files:
+        region = to_tensor(split(Image.open(file).convert("RGB"), 16)[0])
+        for y in range(region.shape[1] - 15):
+            for x in range(region.shape[2] - 15):
+                windows += [region[:, y:y + 16, x:x + 16], region[:, y:y + 16, x:x + 16].flip(2)]
+    assert all(any(torch.equal(crop, w) for w in windows) for crop in crops)
+    flipped = [i for i, crop in enumerate(crops) if not any(torch.equal(crop, w) for w in windows[0::2])]
+    assert 0 < len(flipped) < len(crops)  # some crops are mirrored, not all
     tiles = heldout_tiles(files, 16)
     assert tiles.shape[1:] == (3, 16, 16) and tiles.min() >= -1 and tiles.max() <= 1
 
