@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> None:
             apply_override(cfg, assignment)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"fvq.py: {e}")
-    metrics = train(cfg, resume=args.resume)
+    try:
+        metrics = train(cfg, resume=args.resume)
+    except OSError as e:  # an unwritable --out, a full disk (checkpoint.CheckpointWriteError says what to do)
+        sys.exit(f"fvq.py: {e}")
     if metrics is not None:
         print(json.dumps(metrics, indent=1))
 

@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> None:
             check_codes(cfg, meta)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"gpt.py: {e}")
-    metrics = train(cfg, resume=args.resume)
+    try:
+        metrics = train(cfg, resume=args.resume)
+    except OSError as e:  # an unwritable --out, a full disk (checkpoint.CheckpointWriteError says what to do)
+        sys.exit(f"gpt.py: {e}")
     if metrics is not None:
         print(json.dumps(metrics, indent=1))
 

@@ -4,6 +4,11 @@ Written atomically (temporary file + rename), read with torch.load(weights_only=
 enough on its own to rebuild the model: a tokenizer (train/fvq.py) with `load_model`, a generator
 (train/gpt.py, marked "kind": "gpt") with `load_gpt`.
 
+Crash safety: a kill at any moment, inside a write included, leaves the last complete checkpoint;
+`prepare_run_folder` checks the run folder before any work and removes the temporary files of killed
+writes; a write that fails (a full disk, a file size limit) says what failed and leaves the previous
+checkpoint as it was; `truncate_log` drops a log line cut short. docs/training.md, "Crash safety".
+
 Version 2 names bridges as FVQ does. A version-1 tokenizer checkpoint (fullvq 0.1, whose XS..XL
 were its own sizes with LayerNorm eps 1e-5) is read with its bridge spelled out ("XS/8" becomes
 "W128-H2-D2/8", eps 1e-5), so it rebuilds the network it was trained as.
@@ -11,6 +16,12 @@ were its own sizes with LayerNorm eps 1e-5) is read with its bridge spelled out 
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,9 +37,141 @@ READABLE_VERSIONS = (1, 2)
 GPT_KIND = "gpt"
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the message says why, what is left and what to do)."""
+
+
 def save(path: str | Path, state: dict) -> None:
-    """Writes {format, version, **state} to `path` atomically."""
-    atomic_save({"format": FORMAT, "version": VERSION, **state}, path)
+    """Writes {format, version, **state} to `path` atomically. A write that fails for want of space (or
+    any other OSError) raises CheckpointWriteError, with `path` left as it was."""
+    path = Path(path)
+    try:
+        atomic_save({"format": FORMAT, "version": VERSION, **state}, path)
+    except (OSError, RuntimeError) as e:  # torch.save: a failed write() is a RuntimeError, the OSError its context
+        cause = next((c for c in _chain(e) if isinstance(c, OSError)), None)
+        if cause is None:
+            raise
+        raise CheckpointWriteError(_write_failure(path, state, cause)) from cause
+    _sync_folder(path.parent)
+
+
+def _chain(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _write_failure(path: Path, state: dict, cause: OSError) -> str:
+    """What failed, how much room there was, what is left and what to do."""
+    need = sum(t.numel() * t.element_size() for t in _tensors(state))
+    room = []
+    try:
+        room.append(f"the file system of {str(path.parent)!r} has {_mib(shutil.disk_usage(path.parent).free)} free")
+    except OSError:
+        pass
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            room.append(f"this process may write files of at most {_mib(limit)} (ulimit -f)")
+    except (ImportError, OSError, ValueError):
+        pass
+    kept = (f"{str(path)!r} still holds the previous checkpoint: make room (or raise the limit) and continue the run "
+            f"with --resume (train/study.py: run the same command again), or move the run folder to a disk with room"
+            if path.is_file() else
+            "no earlier checkpoint exists: make room, or pass --out on a disk with room, and start again")
+    return (f"cannot write the checkpoint {str(path)!r}: {cause.strerror or cause}. It needs about {_mib(need)} of "
+            f"tensors; {', and '.join(room) or 'the free space is unknown'}. {kept}")
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename in it outlives a power cut (where the system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def prepare_run_folder(ckpt_path: str | Path) -> None:
+    """Before any work: creates the checkpoint's folder (the run's --out) and proves that a file can be
+    written there, else an OSError that says so; then removes the temporary files that killed writes
+    left there (of the checkpoint, the log, metrics.json and result.json)."""
+    folder = Path(ckpt_path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise type(e)(f"cannot write to the run folder --out {str(folder)!r}: {e.strerror or e}"
+                      f"{f' ({e.filename!r})' if e.filename and str(e.filename) != str(folder) else ''}. "
+                      f"Pass an --out you can write to (nothing was trained)") from None
+    for name in (Path(ckpt_path).name, "log.jsonl", "metrics.json", "result.json", "write-test"):
+        for stale in folder.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename: a kill leaves the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's mode, as a plain open() would give
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def truncate_log(path: str | Path, step: int) -> None:
+    """Keeps the JSON lines of a training log up to `step` (all of a resumed run's checkpointed past,
+    none of a new run), rewritten atomically. A line cut short (a kill or a full disk during its
+    write) is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if isinstance(entry, dict) and entry.get("step", step + 1) <= step:
+            kept.append(line + "\n")
+    if torn:
+        print(f"{path}: dropped {torn} incomplete line(s), cut short by an interrupted write", file=sys.stderr)
+    atomic_write_text(path, "".join(kept))
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

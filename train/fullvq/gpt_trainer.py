@@ -21,7 +21,6 @@ from tqdm import tqdm
 from . import checkpoint, distributed
 from .codes import CodesDataset
 from .gpt_config import GPTConfig
-from .io import truncate_log
 from .metrics import steady_step_time
 from .models.gpt import GPT, token_loss
 from .schedule import lr_factor
@@ -76,6 +75,8 @@ def _train(cfg: GPTConfig, d: distributed.Dist, resume: bool, stop_at: int | Non
         state = checkpoint.require_gpt(checkpoint.load(ckpt_path), ckpt_path)
     if not cfg.codes:
         raise ValueError(NO_CODES)
+    if d.main:  # an --out that cannot be written fails here, before any training; killed writes' temp files go
+        checkpoint.prepare_run_folder(ckpt_path)
     data = CodesDataset(cfg.codes)
     if state is not None:
         check_codes(GPTConfig.from_dict({**state["config"], "codes": cfg.codes}), data.meta)
@@ -94,7 +95,7 @@ def _train(cfg: GPTConfig, d: distributed.Dist, resume: bool, stop_at: int | Non
                 else nullcontext())
 
     if d.main:
-        truncate_log(out / "log.jsonl", step)
+        checkpoint.truncate_log(out / "log.jsonl", step)
     window, step_times = [], []
     last = min(cfg.steps, stop_at or cfg.steps)
     bar = tqdm(total=cfg.steps, initial=step, disable=not d.main, desc=f"gpt {cfg.preset}", dynamic_ncols=True,
@@ -172,5 +173,5 @@ def _final_metrics(cfg: GPTConfig, model: GPT, data: CodesDataset, d: distribute
                "train_loss": train_loss, "train_accuracy": train_accuracy,
                "heldout_loss": heldout_loss, "heldout_accuracy": heldout_accuracy, "heldout_rows": len(heldout),
                "step_time_s": steady_step_time(step_times)}
-    (Path(cfg.out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    checkpoint.atomic_write_text(Path(cfg.out) / "metrics.json", json.dumps(metrics, indent=1))
     return metrics

@@ -1,8 +1,7 @@
-"""File helpers shared by checkpoints, codebook files and training logs."""
+"""File helpers shared by checkpoints and codebook files."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -24,11 +23,3 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keeps the JSON lines of a training log up to `step` (all of a resumed run's checkpointed past,
-    none of a new run)."""
-    if path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))

@@ -145,6 +145,7 @@ def run_one(plan: Plan, quantizer: str, k: int) -> dict:
         check_comparable(plan, result)
         return _with_usage_densities(plan, result, folder)
     cfg = planned_config(plan, quantizer, k)
+    checkpoint.prepare_run_folder(folder / "ckpt.pt")  # writable, and rid of the temporary files of killed writes
     if quantizer == "lc":
         build_lc_codebook_once(cfg)
     ckpt = folder / "ckpt.pt"
@@ -163,7 +164,7 @@ def run_one(plan: Plan, quantizer: str, k: int) -> dict:
                   batch_size=cfg.batch_size, train_tokens_per_code=train_tokens_per_code(cfg),
                   bridge=cfg.quantizer.bridge if quantizer == "bridge" else None, unavailable=perceptual["unavailable"],
                   threads=torch.get_num_threads())  # step_time_s depends on it (runs may go two at a time)
-    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    checkpoint.atomic_write_text(folder / "result.json", json.dumps(result, indent=1))  # a kill: old or new, never torn
     return result
 
 
@@ -194,7 +195,7 @@ def _with_usage_densities(plan: Plan, result: dict, folder: Path) -> dict:
     if curve == result.get("usage_train_by_density"):
         return result
     result = result | _usage_fields(curve)
-    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    checkpoint.atomic_write_text(folder / "result.json", json.dumps(result, indent=1))
     return result
 
 

@@ -21,7 +21,6 @@ from .config import Config
 from .data import (TRAIN_CROPS, Skipped, folder_images, heldout_tiles, list_images, load_sources, train_batches,
                    training_crops)
 from .evaluation import evaluate_files, evaluate_images, save_grid
-from .io import truncate_log
 from .losses.loss import ReconstructionLoss
 from .metrics import CodeCounter, psnr, steady_step_time
 from .models import build_model
@@ -54,6 +53,8 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
     cfg = resolve_run(cfg, d.world, len(sources))
     if cfg.val_data and not Path(cfg.val_data).is_dir():
         raise FileNotFoundError(f"--val-data {cfg.val_data!r} is not a folder: pass a folder of held-out images")
+    if d.main:  # an --out that cannot be written fails here, before any training; killed writes' temp files go
+        checkpoint.prepare_run_folder(ckpt_path)
     peak_scale = cfg.batch_size * d.world / cfg.lr_base_batch if cfg.lr_base_batch else 1.0
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, from_checkpoint=state is not None).to(d.device)
@@ -78,7 +79,6 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
             criterion.discriminator.load_state_dict(state["discriminator"])
             disc_optimizer.load_state_dict(state["disc_optimizer"])
         step = state["step"]
-        torch.set_rng_state(state["rng"])
 
     net, crit = model, criterion
     if d.world > 1:
@@ -90,8 +90,10 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
 
     batches = train_batches(training_crops(sources, cfg.image_size, cfg.seed, cfg.train_crops), cfg.batch_size, step,
                             d.rank, d.world, cfg.num_workers, pin_memory=d.device.type == "cuda")
+    if state is not None and "optimizer" in state:  # after the loader: starting its iterator draws from the RNG
+        torch.set_rng_state(state["rng"])
     if d.main:
-        truncate_log(out / "log.jsonl", step)
+        checkpoint.truncate_log(out / "log.jsonl", step)
     window = CodeCounter(cfg.quantizer.codebook_size, d.device)
     window_psnr, step_times = [], []
     last = min(cfg.steps, stop_at or cfg.steps)
@@ -276,7 +278,7 @@ def _final_evaluation(cfg: Config, model, sources, d: distributed.Dist, step_tim
         usage_train_by_density=usage_train, step_time_s=steady_step_time(step_times),
     )
     out = Path(cfg.out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    checkpoint.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     with torch.no_grad():
         x = preview.to(d.device)
         save_grid(out / "reconstructions.png", x, model(x)[0])
