@@ -161,8 +161,8 @@ private:
 
 nb::object nearest_once(const AnyArray& x, const AnyArray& codes, const std::string& metric, bool return_distances,
                         int threads, const std::string& kernel) {
+    require_same_device(x, on_cuda(codes), on_cuda(codes) ? int(codes.device_id()) : 0);  // before any preparation
     if (on_cuda(codes)) return AnyCodebook(codes, metric, kernel).nearest(x, return_distances, threads);
-    require_same_device(x, false, 0);
     const MatrixView cb = matrix_view(codes, "codebook", "(K, D)");
     const std::string shape = "(M, " + std::to_string(cb.cols) + ")";
     const MatrixView view = matrix_view(x, "x", shape.c_str());
@@ -187,7 +187,7 @@ nb::ndarray<nb::numpy, float, nb::ndim<4>> gather_nchw_py(const AnyArray& codes,
     const int64_t b = ids.shape(0), h = ids.shape(1), w = ids.shape(2);
     const bool contiguous = (w == 1 || ids.stride(2) == 1) && (h == 1 || ids.stride(1) == w) &&
                             (b == 1 || ids.stride(0) == h * w);  // a size-1 axis may have any stride
-    if (!contiguous)
+    if (!contiguous && b * h * w != 0)  // an empty grid reads nothing, whatever its strides
         throw std::invalid_argument("ids must be C-contiguous (np.ascontiguousarray)");
     float* data = new float[size_t(b * cb.cols * h * w)];
     nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<float*>(p); });

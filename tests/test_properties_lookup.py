@@ -394,12 +394,7 @@ def test_gather_refuses_non_contiguous_ids(shape, axis, seed):
                                   codes[view].transpose(0, 3, 1, 2))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "bug in the C++ core (bindings.cpp gather_nchw_py): an empty id grid (any of B, H, W = 0) is refused "
-    "with 'ids must be C-contiguous (np.ascontiguousarray)', which np.ascontiguousarray does not fix; numpy "
-    "gives an empty (B, D, H, W) array. Reproducer: _core.gather_nchw(np.eye(3, dtype=np.float32), "
-    "np.zeros((0, 2, 2), np.int32))"))
-@settings(max_examples=10, **KNOWN_BUG)
+@settings(max_examples=10, **SETTINGS)
 @given(shape=st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3)).filter(lambda s: 0 in s))
 def test_gather_of_an_empty_grid_is_empty(shape):
     codes = np.eye(3, dtype=np.float32)
