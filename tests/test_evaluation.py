@@ -209,6 +209,40 @@ def test_evaluate_cli_on_a_messy_folder(tiny_checkpoint, messy_folder, tmp_path)
     assert json.loads((tmp_path / "c.json").read_text())["num_images"] == 3  # one crop per readable image
 
 
+def test_a_perceptual_sample_sees_every_kth_image_and_the_rest_sees_all(rng):
+    from fullvq.losses.lpips import LPIPS
+
+    pairs = [image_pair(rng, 40, 40, noise=0.02 * (i + 1)) for i in range(10)]
+    x, y = (torch.cat([nchw(p[j]) for p in pairs]) * 2 - 1 for j in (0, 1))
+    indices = torch.zeros(10, 2, 2, dtype=torch.long)
+    full = Evaluator(16, fid=False, lpips_net="alex")
+    sampled = Evaluator(16, fid=False, lpips_net="alex", perceptual_every=3)
+    for start in (0, 4, 7):  # batches of 4, 3, 3: the sample follows the image index, not the batch
+        for ev in (full, sampled):
+            ev.add(x[start:start + (4 if start == 0 else 3)], y[start:start + (4 if start == 0 else 3)],
+                   indices[start:start + 3])
+    a, b = full.result(), sampled.result()
+    assert a["num_images"] == b["num_images"] == 10 and (a["perceptual_images"], b["perceptual_images"]) == (10, 4)
+    assert (a["psnr"], a["ssim"]) == (b["psnr"], b["ssim"])  # over every image either way
+    with torch.no_grad():
+        want = LPIPS("alex")(to_unit(x)[::3] * 2 - 1, to_unit(y)[::3] * 2 - 1).mean().item()  # images 0, 3, 6, 9
+    assert b["lpips"] == pytest.approx(want, rel=1e-5) and b["lpips"] != pytest.approx(a["lpips"], rel=1e-3)
+
+
+def test_evaluate_cli_says_what_it_will_run_and_samples_perceptual_metrics(tiny_checkpoint, messy_folder, tmp_path):
+    out = tmp_path / "p.json"
+    result = subprocess.run([sys.executable, EVALUATE, str(tiny_checkpoint), "--data", str(messy_folder),
+                             "--json", str(out), "--lpips-net", "none", "--perceptual-sample", "5"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = json.loads(out.read_text())
+    assert m["num_images"] == 12 and m["perceptual_images"] == 4  # every 3rd of 12 tiles (ceil(12 / 5) = 3)
+    assert np.isfinite(m["rfid"])
+    assert ("evaluate: 12 images (tiles, 16 px); usage, PSNR and SSIM on all; no LPIPS, the FID Inception on 8 "
+            "(each resized to 299 x 299); about ") in result.stdout
+    assert "--perceptual-sample: LPIPS and rFID on one image in 3" in result.stdout
+
+
 def test_evaluate_cli_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     result = subprocess.run([sys.executable, EVALUATE, str(tmp_path / "junk.pt")], capture_output=True, text=True)

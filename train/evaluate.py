@@ -33,8 +33,8 @@ import torch.distributed as dist
 
 from fullvq import checkpoint, distributed, interop
 from fullvq.data import MAX_HELDOUT_IMAGES, heldout_tiles, list_images, load_sources, open_rgb, split
-from fullvq.evaluation import (MAX_PIXELS, EvalSkipped, check_image_size, evaluate_files, evaluate_images,
-                               save_code_histogram)
+from fullvq.evaluation import (MAX_PIXELS, EvalSkipped, Evaluator, check_image_size, evaluate_files,
+                               evaluate_images, planned_images, save_code_histogram)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -53,6 +53,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help=f"--crop none: skip (and count) images of more than N pixels (default {MAX_PIXELS})")
     p.add_argument("--lpips-net", choices=("alex", "vgg", "none"), default="alex")
     p.add_argument("--no-fid", action="store_true", help="skip rFID (the Inception pass is the slowest part)")
+    p.add_argument("--perceptual-sample", type=int, default=0, metavar="N",
+                   help="LPIPS and rFID on about N of the images (every k-th, evenly spread), usage, PSNR and "
+                        "SSIM on all (default: all; the study uses 512)")
     interop.add_arguments(p)
     return p.parse_args(argv)
 
@@ -78,17 +81,25 @@ def main(argv: list[str] | None = None) -> dict | None:
     d = distributed.setup()
     try:
         model.to(d.device)
-        options = {"lpips_net": "" if args.lpips_net == "none" else args.lpips_net, "fid": not args.no_fid}
+        tiles = sources = None
         if files is None and crop in ("tiles", "center"):
-            tiles = heldout_tiles(load_sources(cfg.data), cfg.image_size)
-            evaluator = evaluate_images(model, tiles[d.rank::d.world], args.batch_size, d.device,
-                                        progress=d.main, **options)
-            skipped, crop = EvalSkipped(), "tiles"
+            tiles, crop = heldout_tiles(load_sources(cfg.data), cfg.image_size)[d.rank::d.world], "tiles"
+            planned = len(tiles)
         else:
-            sources = files[d.rank::d.world] if files is not None else heldout_regions(cfg, d.rank, d.world)
-            evaluator, skipped = evaluate_files(model, sources, size, crop, args.batch_size, d.device,
-                                                progress=d.main, batch_image_size=cfg.image_size,
-                                                max_pixels=args.max_pixels, **options)
+            sources = files[d.rank::d.world] if files is not None else list(heldout_regions(cfg, d.rank, d.world))
+            planned = planned_images(sources, crop, size, factor, args.max_pixels)
+        every = -(-planned // args.perceptual_sample) if args.perceptual_sample > 0 else 1
+        evaluator = Evaluator(cfg.quantizer.codebook_size, d.device, lpips_net="" if args.lpips_net == "none"
+                              else args.lpips_net, fid=not args.no_fid, perceptual_every=every)
+        if d.main:
+            print(plan_line(evaluator, model, planned * d.world, every, crop, size, cfg.image_size), flush=True)
+        if tiles is not None:
+            evaluate_images(model, tiles, args.batch_size, d.device, progress=d.main, evaluator=evaluator)
+            skipped = EvalSkipped()
+        else:
+            _, skipped = evaluate_files(model, sources, size, crop, args.batch_size, d.device, progress=d.main,
+                                        batch_image_size=cfg.image_size, max_pixels=args.max_pixels,
+                                        evaluator=evaluator)
         metrics = evaluator.result()
         counts = evaluator.codes.across_ranks().counts
         skipped = _gather(skipped)
@@ -113,6 +124,21 @@ def main(argv: list[str] | None = None) -> dict | None:
         return metrics
     finally:
         distributed.teardown()
+
+
+def plan_line(evaluator: Evaluator, model, planned: int, every: int, crop: str, size: int, trained: int) -> str:
+    """What the evaluation will run and about how long it takes, from a timing of 2 images at the
+    evaluation size (crop "none": the training size, as a rough guide)."""
+    side = trained if crop == "none" else size
+    cost = evaluator.seconds_per_image(model, (side, side))
+    perceptual = -(-planned // every)
+    seconds = planned * cost["autoencoder"] + perceptual * (cost.get("lpips", 0) + cost.get("inception", 0))
+    passes = (f"LPIPS on {perceptual}" if "lpips" in cost else "no LPIPS") + ", " + (
+        f"the FID Inception on {2 * perceptual} (each resized to 299 x 299)" if "inception" in cost else "no rFID")
+    return (f"evaluate: {planned} images ({crop}{'' if crop == 'none' else f', {size} px'}); usage, PSNR and SSIM on "
+            f"all; {passes}; about {seconds:.0f} s ({cost['autoencoder'] * 1e3:.0f} ms per image for the "
+            f"autoencoder, {cost.get('lpips', 0) * 1e3 + cost.get('inception', 0) * 1e3:.0f} ms per LPIPS + Inception "
+            f"pair){'' if every == 1 else f'; --perceptual-sample: LPIPS and rFID on one image in {every}'}")
 
 
 def heldout_regions(cfg, rank: int, world: int):

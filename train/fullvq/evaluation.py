@@ -66,11 +66,14 @@ class Evaluator:
     """Accumulates metrics over batches of (original, reconstruction, code indices)."""
 
     def __init__(self, codebook_size: int, device: torch.device | str = "cpu", lpips_net: str = "alex",
-                 fid: bool = True):
+                 fid: bool = True, perceptual_every: int = 1):
         self.device = torch.device(device)
         self.codes = CodeCounter(codebook_size, self.device)
         self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # psnr, psnr_y, ssim, lpips
         self.count = torch.zeros((), dtype=torch.float64, device=self.device)
+        # LPIPS and the FID Inception see images 0, every, 2 * every ... of this rank (all when 1)
+        self.perceptual_every, self.seen = max(1, int(perceptual_every)), 0
+        self.perceptual_count = torch.zeros((), dtype=torch.float64, device=self.device)
         self.grids: Counter[tuple[int, int]] = Counter()  # images per token grid (h, w), this rank
         self.unavailable: dict[str, str] = {}
         self.lpips = self.inception = None
@@ -115,24 +118,51 @@ class Evaluator:
                                          f"LPIPS-{self.lpips_net}'s minimum of {LPIPS_MIN_SIZE[self.lpips_net]} "
                                          f"pixels")
         self.codes.add(indices)
+        keep = (torch.arange(len(x), device=real.device) + self.seen) % self.perceptual_every == 0
+        self.seen += len(x)
+        real_kept, fake_kept = real[keep], fake[keep]
         per_image = [psnr01(real, fake), psnr_y(real, fake), ssim(real, fake)]
-        per_image.append(self.lpips(real * 2 - 1, fake * 2 - 1) if self.lpips is not None else torch.zeros(len(x)))
+        per_image.append(self.lpips(real_kept * 2 - 1, fake_kept * 2 - 1) if self.lpips is not None and len(real_kept)
+                         else torch.zeros(0))
         self.sums += torch.stack([v.to(self.device, torch.float64).sum() for v in per_image])
         self.count += len(x)
+        self.perceptual_count += len(real_kept)
+        if self.inception is not None and len(real_kept):
+            self.real.add(self.inception(real_kept))
+            self.fake.add(self.inception(fake_kept))
+
+    @torch.no_grad()
+    def seconds_per_image(self, model, size: tuple[int, int]) -> dict[str, float]:
+        """Wall seconds per image of the autoencoder, LPIPS and the FID Inception (original and
+        reconstruction) at `size` (H, W), timed on 2 random images after a warm-up; adds nothing to
+        the metrics."""
+        import time
+
+        x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0)).to(self.device) * 2 - 1
+        parts = {"autoencoder": lambda: model(x)}
+        if self.lpips is not None and min(size) >= LPIPS_MIN_SIZE[self.lpips_net]:
+            parts["lpips"] = lambda: self.lpips(x, x)
         if self.inception is not None:
-            self.real.add(self.inception(real))
-            self.fake.add(self.inception(fake))
+            parts["inception"] = lambda: (self.inception(to_unit(x)), self.inception(to_unit(x)))
+        cost = {}
+        for name, run in parts.items():
+            run()
+            start = time.perf_counter()
+            run()
+            cost[name] = (time.perf_counter() - start) / len(x)
+        return cost
 
     def result(self) -> dict:
         """The metrics over every rank's batches: a collective call under torchrun, made once at the end."""
         codes = self.codes.across_ranks()
-        count = float(sum_across(self.count))
-        means = (sum_across(self.sums) / max(count, 1)).tolist()
+        count, perceptual = float(sum_across(self.count)), float(sum_across(self.perceptual_count))
+        sums = sum_across(self.sums)
+        means = (sums[:3] / max(count, 1)).tolist()
         result = {"usage": codes.usage, "num_tokens": codes.num_tokens,
                   "perplexity": codes.perplexity, "dead_codes": codes.dead_codes,
                   "psnr": means[0], "psnr_y": means[1], "ssim": means[2],
-                  "lpips": means[3] if self.lpips is not None else None, "rfid": None,
-                  "num_images": int(count), "grids": self.grids_across_ranks()}
+                  "lpips": float(sums[3]) / max(perceptual, 1) if self.lpips is not None else None, "rfid": None,
+                  "num_images": int(count), "perceptual_images": int(perceptual), "grids": self.grids_across_ranks()}
         if self.inception is not None:
             try:
                 result["rfid"] = frechet_distance(*self.real.reduce().moments(), *self.fake.reduce().moments())
@@ -151,9 +181,10 @@ class Evaluator:
 
 
 def evaluate_images(model, images: torch.Tensor, batch_size: int, device, progress: bool = False,
-                    **options) -> Evaluator:
-    """Runs this rank's images (N, 3, S, S) in [-1, 1] through the model; `options` go to Evaluator."""
-    evaluator = Evaluator(model.quantize.codebook_size, device, **options)
+                    evaluator: Evaluator | None = None, **options) -> Evaluator:
+    """Runs this rank's images (N, 3, S, S) in [-1, 1] through the model, into `evaluator` (default: a
+    new one; `options` go to Evaluator)."""
+    evaluator = evaluator or Evaluator(model.quantize.codebook_size, device, **options)
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, dynamic_ncols=True, mininterval=1.0):
         evaluator.add_model_batch(model, images[start:start + batch_size])
@@ -275,9 +306,34 @@ def size_batches(images: Iterable[torch.Tensor], batch_size: int, pixels: int) -
         yield from send(shape, everything=True)
 
 
+def planned_images(sources: list, crop: str, size: int, factor: int, max_pixels: int = MAX_PIXELS) -> int:
+    """How many images (tiles) evaluate_files will evaluate from `sources` (files or PIL images),
+    read from the image headers alone; unreadable files count 0."""
+    total = 0
+    for source in sources:
+        try:
+            if isinstance(source, Image.Image):
+                w, h = source.size
+            else:
+                with Image.open(source) as image:
+                    w, h = image.size
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
+            continue
+        if crop == "tiles":
+            total += (w // size) * (h // size)
+        elif crop == "center":
+            total += min(w, h) >= size
+        elif crop == "none":
+            h, w = h - h % factor, w - w % factor
+            total += min(h, w) >= max(factor, -(-SSIM_WINDOW // factor) * factor) and h * w <= max_pixels
+        else:
+            total += 1
+    return total
+
+
 def evaluate_files(model, files: list, image_size: int, crop: str, batch_size: int, device,
                    progress: bool = True, *, batch_image_size: int | None = None, max_pixels: int = MAX_PIXELS,
-                   **options) -> tuple[Evaluator, EvalSkipped]:
+                   evaluator: Evaluator | None = None, **options) -> tuple[Evaluator, EvalSkipped]:
     """Runs this rank's image files (or PIL images, for crops "none" and "resize") through the
     model, batch by batch; what was skipped or changed is recorded in the returned EvalSkipped.
 
@@ -285,10 +341,10 @@ def evaluate_files(model, files: list, image_size: int, crop: str, batch_size: i
     own size, see any_size_images; `image_size` unused) or "resize" (short_side_crop to `image_size`).
     A batch holds at most `batch_size` images and at most batch_size x batch_image_size^2 pixels
     (default `image_size`: the memory of `batch_size` model-size images); see size_batches.
-    `options` go to Evaluator."""
+    Metrics go into `evaluator` (default: a new one; `options` go to Evaluator)."""
     if crop not in CROPS:
         raise ValueError(f"unknown crop {crop!r}: expected one of {', '.join(CROPS)}")
-    evaluator, skipped = Evaluator(model.quantize.codebook_size, device, **options), EvalSkipped()
+    evaluator, skipped = evaluator or Evaluator(model.quantize.codebook_size, device, **options), EvalSkipped()
     bar = tqdm(files, desc="evaluate", unit="image", disable=not progress, dynamic_ncols=True, mininterval=1.0)
     if crop in ("none", "resize"):
         images = any_size_images(bar, crop, image_size, model.encoder.downsample_factor, skipped, max_pixels)

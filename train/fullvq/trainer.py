@@ -197,17 +197,22 @@ def usage_on_fresh_crops(cfg: Config, model, sources, d: distributed.Dist) -> li
     -> [{"tokens_per_code", "num_tokens", "usage"}], densest last."""
     k, per_crop = cfg.quantizer.codebook_size, tokens_per_crop(cfg)
     fresh = training_crops(sources, cfg.image_size, cfg.seed + 1, cfg.train_crops)
-    counter, done, curve = CodeCounter(k, d.device), 0, []
+    counter, done, curve, marks = CodeCounter(k, d.device), 0, [], usage_marks(cfg)
+    # a smoke run sets eval_crops=N to measure on N crops instead (the bar's ETA says what the default costs)
+    bar = tqdm(total=marks[-1], disable=not d.main, unit="crop", dynamic_ncols=True, mininterval=1.0,
+               desc=f"usage_train ({marks[-1]} fresh {cfg.image_size} px crops; eval_crops=N for fewer)")
     with torch.no_grad():
-        for mark in usage_marks(cfg):
+        for mark in marks:
             mine = range(done + (d.rank - done) % d.world, mark, d.world)
             for start in range(0, len(mine), cfg.batch_size):
                 x = torch.stack([fresh[i] for i in mine[start:start + cfg.batch_size]]).to(d.device)
                 counter.add(model.encode(x).indices)
+                bar.update(len(x) * d.world)
             done = mark
             counts = counter.across_ranks()
             curve.append({"tokens_per_code": mark * per_crop / k, "num_tokens": mark * per_crop,
                           "usage": counts.usage, **dead_positions(model, counts)})
+    bar.close()
     return curve
 
 
