@@ -54,8 +54,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lpips-net", choices=("alex", "vgg", "none"), default="alex")
     p.add_argument("--no-fid", action="store_true", help="skip rFID (the Inception pass is the slowest part)")
     p.add_argument("--perceptual-sample", type=int, default=0, metavar="N",
-                   help="LPIPS and rFID on about N of the images (every k-th, evenly spread), usage, PSNR and "
-                        "SSIM on all (default: all; the study uses 512)")
+                   help="LPIPS and rFID on at most N of the images (every k-th, k = ceil(images / N)); usage, "
+                        "PSNR and SSIM on all (default: all; the study uses 512)")
     interop.add_arguments(p)
     return p.parse_args(argv)
 
