@@ -1,7 +1,8 @@
 """Property-based tests (hypothesis) of the engine bundle: write_bundle -> read_bundle round trips.
 
 Hypothesis draws valid bundles from bundle_factory-like parts (K, D, downsample f, token grid,
-metric, codebook values down to -0.0, subnormals and +-3e38, the optional size fields
+metric, codebook values down to -0.0, subnormals and +-3e38 (codes scaled into the lookup's squared-norm
+limit), the optional size fields
 dynamic_size / checked_sizes / fixed_size_reason, TensorRT entries with their plans, a generator
 section with its graphs, arbitrary JSON in built_by and in extra keys); everything must read back
 equal, bit for bit. A single flipped byte anywhere in the file must either be refused with
@@ -23,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bundle_factory import conv_graph
-from fullvq_rt.bundle import FORMAT, VERSION, EngineError, codebook_bytes, read_bundle, write_bundle
+from fullvq_rt.bundle import FORMAT, MAX_SQUARED_NORM, VERSION, EngineError, codebook_bytes, read_bundle, write_bundle
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -62,6 +63,12 @@ def codebooks(draw, k: int, d: int) -> np.ndarray:
         with np.errstate(over="ignore", under="ignore"):
             codebook *= np.float32(10.0 ** draw(st.integers(-30, 30)))
         codebook[~np.isfinite(codebook)] = np.float32(1e38)
+    # a code of squared norm over the lookup's limit is refused at load (test_bundle's corpus): scale
+    # such rows down to a quarter of it, keeping their zeros, signs and subnormal neighbours
+    norms = (codebook.astype(np.float64) ** 2).sum(1)
+    big = norms > MAX_SQUARED_NORM / 4
+    codebook[big] = (codebook[big].astype(np.float64) / np.sqrt(norms[big] / (MAX_SQUARED_NORM / 4))[:, None]
+                     ).astype(np.float32)
     return codebook
 
 

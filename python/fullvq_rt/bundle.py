@@ -39,6 +39,7 @@ REQUIRED_MEMBERS = ("codebook.npy", "encoder.onnx", "decoder.onnx")
 GENERATOR_MEMBERS = ("generator/prefill.onnx", "generator/decode.onnx")
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_MEMBER_BYTES = 16 << 30  # larger than any tokenizer network: a corrupt or hostile size field
+MAX_SQUARED_NORM = 1e37  # of a code; the lookup's limit (cpp/checks.h kMaxSquaredNorm)
 _TRT_PLAN = re.compile(r"trt/(sm_[0-9]{2,3})/(encoder|decoder)\.plan")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 METRICS = ("l2", "cosine")
@@ -143,7 +144,8 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     except zipfile.BadZipFile as e:
         raise EngineError(f"{path}: not a readable fvq.engine archive ({e}); the file is truncated or corrupt: "
                           f"copy it again or re-export it") from None
-    except (OSError, EOFError, RuntimeError, NotImplementedError) as e:  # zipfile's other ways to fail
+    except (OSError, EOFError, RuntimeError, NotImplementedError, UnicodeDecodeError) as e:  # zipfile's other
+        # ways to fail (UnicodeDecodeError: a member name flagged UTF-8 that is not)
         raise EngineError(f"{path}: cannot read the archive ({e.__class__.__name__}: {e}); re-export it") from None
     return _build(path, manifest, members)
 
@@ -289,15 +291,38 @@ def _generator(path: Path, manifest: dict[str, Any], members: dict[str, bytes], 
     return spec
 
 
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
 def _load_codebook(path: Path, data: bytes, shape: tuple[int, int]) -> np.ndarray:
+    # The header first: np.load allocates whatever shape the header declares, before it finds that
+    # the data is short.
+    buffer = io.BytesIO(data)
     try:
-        codebook = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise _fail(path, "codebook.npy", f"is not a readable .npy array ({e})") from None
-    if codebook.dtype != np.float32 or codebook.shape != shape:
-        raise _fail(path, "codebook.npy", f"is {codebook.dtype} {codebook.shape}, the manifest says float32 {shape}")
+        version = np.lib.format.read_magic(buffer)
+        if version not in _NPY_HEADERS:
+            raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+        found, _, dtype = _NPY_HEADERS[version](buffer)
+        if dtype.hasobject:
+            raise ValueError("object arrays are refused")
+    except Exception as e:  # noqa: BLE001 - numpy's header parser fails in many ways on hostile bytes:
+        # ValueError, tokenize's TokenError and IndentationError, RecursionError (found by bench/fuzz_bundle.py)
+        raise _fail(path, "codebook.npy", f"is not a readable .npy array ({type(e).__name__}: {e})") from None
+    if dtype != np.float32 or found != shape:
+        raise _fail(path, "codebook.npy", f"is {dtype} {found}, the manifest says float32 {shape}")
+    if len(data) - buffer.tell() != 4 * shape[0] * shape[1]:
+        raise _fail(path, "codebook.npy", f"holds {len(data) - buffer.tell()} bytes of values, float32 {shape} "
+                                          f"is {4 * shape[0] * shape[1]}")
+    codebook = np.load(io.BytesIO(data), allow_pickle=False)
     if not np.isfinite(codebook).all():
         raise _fail(path, "codebook.npy", "holds NaN or Inf")
+    for start in range(0, shape[0], 8192):  # the lookup (fullvq_rt.Codebook) refuses larger rows
+        rows = codebook[start:start + 8192].astype(np.float64)
+        norms = np.einsum("kd,kd->k", rows, rows)
+        if not (norms <= MAX_SQUARED_NORM).all():
+            row = int(np.argmax(norms > MAX_SQUARED_NORM))
+            raise _fail(path, "codebook.npy", f"row {start + row} has squared norm {norms[row]:.3g} > "
+                                              f"{MAX_SQUARED_NORM:.0e}, which overflows float32 distances")
     codebook.flags.writeable = False
     return codebook
 
