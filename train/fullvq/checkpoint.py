@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import torch
 
 from .config import Config
 from .gpt_config import GPTConfig
-from .io import atomic_save
+from .io import atomic_save, atomic_write_text
 from .quantizers.bridge import LEGACY_LN_EPS, legacy_bridge_name
 
 FORMAT = "fullvq-checkpoint"
@@ -133,22 +132,6 @@ def prepare_run_folder(ckpt_path: str | Path) -> None:
     for name in (Path(ckpt_path).name, "log.jsonl", "metrics.json", "result.json", "write-test"):
         for stale in folder.glob(f".{name}.*.tmp"):
             stale.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename: a kill leaves the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's mode, as a plain open() would give
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def truncate_log(path: str | Path, step: int) -> None:
