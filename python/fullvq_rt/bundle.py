@@ -43,6 +43,7 @@ MAX_SQUARED_NORM = 1e37  # of a code; the lookup's limit (cpp/checks.h kMaxSquar
 _TRT_PLAN = re.compile(r"trt/(sm_[0-9]{2,3})/(encoder|decoder)\.plan")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 METRICS = ("l2", "cosine")
+_ZIP_ENCRYPTED, _ZIP_PATCH_DATA, _ZIP_STRONG_ENCRYPTION = 1 << 0, 1 << 5, 1 << 6  # general purpose flag bits
 
 
 class EngineError(ValueError):
@@ -134,19 +135,31 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     """The verified bundle at `path`, or EngineError."""
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise EngineError(f"{path}: is a folder, not an fvq.engine file; give the path of the .engine file")
+        if path.exists():
+            raise EngineError(f"{path}: is not a regular file (a device, pipe or socket); give the path of an "
+                              f"fvq.engine file")
         raise EngineError(f"{path}: no such file; build one with `python export/to_trt.py ckpt.pt -o {path}`")
-    file_size = path.stat().st_size
     try:
-        with zipfile.ZipFile(path) as archive:
-            infos = _check_entries(path, archive.infolist(), file_size)
+        file = open(path, "rb")  # apart from the archive: its errors are not the archive's
+    except OSError as e:
+        raise EngineError(f"{path}: cannot open the file ({e.strerror or e}); check that this user may read "
+                          f"it") from None
+    try:
+        with file, zipfile.ZipFile(file) as archive:
+            infos = _check_entries(path, archive.infolist(), os.fstat(file.fileno()).st_size)
             manifest = _read_manifest(path, archive, infos)
             members = _read_members(path, archive, infos, manifest)
-    except zipfile.BadZipFile as e:
-        raise EngineError(f"{path}: not a readable fvq.engine archive ({e}); the file is truncated or corrupt: "
-                          f"copy it again or re-export it") from None
-    except (OSError, EOFError, RuntimeError, NotImplementedError, UnicodeDecodeError) as e:  # zipfile's other
-        # ways to fail (UnicodeDecodeError: a member name flagged UTF-8 that is not)
-        raise EngineError(f"{path}: cannot read the archive ({e.__class__.__name__}: {e}); re-export it") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as e:  # OSError: a seek to an offset the file does not have
+        raise EngineError(f"{path}: not a readable fvq.engine archive ({e.__class__.__name__}: {e}); the file is "
+                          f"truncated or damaged: copy it again or re-export it") from None
+    except UnicodeDecodeError as e:  # decoding the central directory (member reads name their member)
+        raise EngineError(f"{path}: not a readable fvq.engine archive: a member name in its directory is flagged "
+                          f"UTF-8 but is not ({e}); the file is damaged: copy it again or re-export it") from None
+    except (NotImplementedError, RuntimeError) as e:  # zip features that _check_entries does not know
+        raise EngineError(f"{path}: the archive uses a zip feature that fvq.engine does not "
+                          f"({e.__class__.__name__}: {e}); re-export it with export/to_trt.py") from None
     return _build(path, manifest, members)
 
 
@@ -154,24 +167,45 @@ def _fail(path: Path, member: str, problem: str, fix: str = "re-export it with e
     return EngineError(f"{path}: member {member!r}: {problem}; {fix}")
 
 
-def _safe_name(name: str) -> bool:
+def _unsafe(name: str) -> str:
+    """Why member `name` could write outside a folder when unpacked ("" when it could not)."""
     parts = name.split("/")
-    return (bool(name) and not name.startswith("/") and "\\" not in name and ":" not in parts[0]
-            and all(p not in ("", ".", "..") for p in parts))
+    if not name:
+        return "is empty"
+    if name.startswith("/"):
+        return "is an absolute path"
+    if "\\" in name:
+        return "contains a backslash (a Windows folder separator)"
+    if ":" in parts[0]:
+        return "starts with a drive or device (':' in its first part)"
+    if name.endswith("/"):
+        return "is a folder entry (ends with '/')"
+    if ".." in parts:
+        return "has a '..' part (it points outside its folder)"
+    if any(p in ("", ".") for p in parts):
+        return "has an empty or '.' part"
+    return ""
 
 
 def _check_entries(path: Path, infos: list[zipfile.ZipInfo], file_size: int) -> dict[str, zipfile.ZipInfo]:
     entries: dict[str, zipfile.ZipInfo] = {}
     for info in infos:
         name = info.filename
-        if not _safe_name(name):
-            raise _fail(path, name, "unsafe member name (absolute, '..' or empty parts)", "do not use this file")
+        reason = _unsafe(name)
+        if reason:
+            raise _fail(path, name, f"unsafe member name: {reason}", "do not use this file")
         if name in entries:
-            raise _fail(path, name, "appears twice in the archive")
+            raise _fail(path, name, "appears twice in the archive (a second copy could replace the checked one)",
+                        "do not use this file; re-export it")
         if info.compress_type != zipfile.ZIP_STORED:
             raise _fail(path, name, "is compressed; fvq.engine members are stored")
+        if info.flag_bits & (_ZIP_ENCRYPTED | _ZIP_STRONG_ENCRYPTION):
+            raise _fail(path, name, "is encrypted; fvq.engine members are stored without encryption")
+        if info.flag_bits & _ZIP_PATCH_DATA:
+            raise _fail(path, name, "is zip 'patched data' (flag bit 5); fvq.engine members are whole files")
         if info.file_size > min(MAX_MEMBER_BYTES, file_size):
-            raise _fail(path, name, f"declares {info.file_size} bytes, more than the {file_size}-byte file holds")
+            raise _fail(path, name, f"declares {info.file_size} bytes, more than the {file_size}-byte file holds",
+                        "the file is truncated or damaged: copy it again or re-export it")
         entries[name] = info
     if MANIFEST not in entries:
         raise _fail(path, MANIFEST, "is missing: this is not an fvq.engine bundle",
@@ -183,10 +217,23 @@ def _read_manifest(path: Path, archive: zipfile.ZipFile, infos: dict[str, zipfil
     if infos[MANIFEST].file_size > MAX_MANIFEST_BYTES:
         raise _fail(path, MANIFEST, f"is {infos[MANIFEST].file_size} bytes, over the {MAX_MANIFEST_BYTES} limit")
     try:
-        manifest = json.loads(archive.read(MANIFEST).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = _read_member(path, archive, infos[MANIFEST]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _fail(path, MANIFEST, f"is not UTF-8 text, so not valid JSON ({e})") from None
+    try:
+        manifest = json.loads(text)
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise _fail(path, MANIFEST, "is not valid JSON for this reader: its arrays or objects are nested too "
+                                    "deeply to parse") from None
+    except json.JSONDecodeError as e:
         raise _fail(path, MANIFEST, f"is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    except ValueError as e:  # an integer of more digits than int() takes (sys.get_int_max_str_digits)
+        raise _fail(path, MANIFEST, f"holds a number too long to read ({e})") from None
+    if not isinstance(manifest, dict):
+        kind = {list: "an array", str: "a string", type(None): "null"}.get(type(manifest), "a single value")
+        raise _fail(path, MANIFEST, f"is JSON {kind}, not an object: not an fvq.engine manifest",
+                    "build the file with export/to_trt.py")
+    if manifest.get("format") != FORMAT:
         raise _fail(path, MANIFEST, f"does not name the format {FORMAT!r}", "build the file with export/to_trt.py")
     version = manifest.get("version")
     if not isinstance(version, int) or isinstance(version, bool):
@@ -216,15 +263,28 @@ def _read_manifest(path: Path, archive: zipfile.ZipFile, infos: dict[str, zipfil
         if name not in infos:
             raise _fail(path, name, "is listed in the manifest but missing from the archive")
         if infos[name].file_size != listed[name]["size"]:
-            raise _fail(path, name, f"is {infos[name].file_size} bytes, the manifest says {listed[name]['size']}")
+            raise _fail(path, name, f"is {infos[name].file_size} bytes, the manifest says {listed[name]['size']}",
+                        "copy the file again or re-export it")
     return manifest
+
+
+def _read_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    try:
+        return archive.read(info)
+    except (zipfile.BadZipFile, EOFError, OSError) as e:  # a CRC that does not match, a bad local header
+        raise _fail(path, info.filename, f"cannot be read from the archive ({e.__class__.__name__}: {e}): the file "
+                                         f"is truncated or damaged", "copy it again or re-export it") from None
+    except UnicodeDecodeError as e:
+        raise _fail(path, info.filename, f"cannot be read from the archive: its local header's name is flagged "
+                                         f"UTF-8 but is not ({e}): the file is damaged",
+                    "copy it again or re-export it") from None
 
 
 def _read_members(path: Path, archive: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo],
                   manifest: dict[str, Any]) -> dict[str, bytes]:
     members = {}
     for name, expected in manifest["members"].items():
-        data = archive.read(infos[name])
+        data = _read_member(path, archive, infos[name])
         if hashlib.sha256(data).hexdigest() != expected["sha256"]:
             raise _fail(path, name, "sha256 does not match the manifest (corrupted or modified)",
                         "copy the file again or re-export it")

@@ -4,7 +4,9 @@
 
 Kept cases: four of each random mutation (bit flips, zeroed ranges, truncation, duplicated
 ranges) among those the reader rejects, chosen by a fixed seed, plus hand-made ones (path
-traversal, compressed member, future version, extra member).
+traversal, compressed member, future version, extra member, a manifest nested too deeply for
+json, a manifest integer too long for int()). The fuzz-*.engine and npy-*.engine files are kept
+as found, not regenerated; see README.md.
 """
 
 import json
@@ -53,22 +55,33 @@ def main() -> None:
             path = here / f"{kind}-{kept}.engine"
             path.write_bytes(bytes(mutate(bytearray(good), kind, rng)))
             kept += rejected(path)
+    write_hand_made(here, base)
+    base.unlink()
+
+
+def write_hand_made(here: Path, base: Path) -> None:
     with zipfile.ZipFile(base) as z:
         entries = {n: z.read(n) for n in z.namelist()}
     manifest = json.loads(entries["manifest.json"])
+    text = json.dumps(manifest)
+    built_by = json.dumps(manifest["built_by"])
+    depth = 25_000  # past json's recursion limit, and the file under fuzz_bundle.py's --max-len
     hand_made = {
         "traversal": (dict(entries, **{"../../escape.txt": b"x"}), zipfile.ZIP_STORED),
         "deflated": (entries, zipfile.ZIP_DEFLATED),
         "future-version": (dict(entries, **{"manifest.json": json.dumps(dict(manifest, version=9)).encode()}),
                            zipfile.ZIP_STORED),
         "extra-member": (dict(entries, **{"trt/sm_90/encoder.plan": b"plan"}), zipfile.ZIP_STORED),
+        "manifest-deep-nesting": (dict(entries, **{"manifest.json": text.replace(
+            built_by, "[" * depth + "]" * depth).encode()}), zipfile.ZIP_STORED),
+        "manifest-long-integer": (dict(entries, **{"manifest.json": text.replace(built_by, "7" * 5000).encode()}),
+                                  zipfile.ZIP_STORED),
     }
     for name, (members, compression) in hand_made.items():
         with zipfile.ZipFile(here / f"{name}.engine", "w", compression) as z:
             for member, data in members.items():
                 z.writestr(member, data)
         assert rejected(here / f"{name}.engine"), name
-    base.unlink()
 
 
 if __name__ == "__main__":
