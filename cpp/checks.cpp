@@ -1,6 +1,7 @@
 #include "checks.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstdio>
 #include <limits>
 #include <stdexcept>
@@ -31,6 +32,20 @@ void reject_row(const char* what, int64_t row, double squared_norm) {
     std::snprintf(norm, sizeof norm, "%.3g", squared_norm);
     throw std::invalid_argument(prefix + " has squared norm " + norm +
                                 " > 1e37, which overflows float32 distances; rescale the inputs");
+}
+
+float l2_scale(double spread) {
+    if (!(spread > 0.0 && spread < 1.0)) return 1.f;
+    int exponent = 0;
+    std::frexp(spread, &exponent);  // spread = f * 2^exponent, f in [0.5, 1), exponent <= 0
+    // spread * scale^2 in [1/4, 1); codes closer than 2^-126 to their mean stay partly scaled.
+    return std::ldexp(1.f, std::min(-exponent / 2, 126));
+}
+
+void reject_far_row(int64_t row) {
+    throw std::invalid_argument("x row " + std::to_string(row) +
+                                " is over 1e18 times farther from the codebook's mean than any code, beyond what "
+                                "float32 distances can order; check that x and the codebook are in the same units");
 }
 
 }  // namespace fullvq

@@ -18,4 +18,15 @@ void check_dims(const MatrixView& x, int64_t dim);
 // NaN or Inf, a finite one that it exceeds kMaxSquaredNorm.
 [[noreturn]] void reject_row(const char* what, int64_t row, double squared_norm);
 
+// l2 only. The lookup works on the codebook multiplied by a power of two, 2^e with e >= 0, chosen
+// so that its largest squared distance from the mean (`spread`, in double) lands in [1/4, 1): codes of
+// |c| ~ 1e-25 would otherwise give biases and products that underflow float32, every code would
+// score 0 and index 0 would come back. A power of two changes no rounding, so results at ordinary
+// magnitudes are bit for bit those of the unscaled arithmetic. Returns 1 for spread >= 1 or 0.
+float l2_scale(double spread);
+
+// Squared distance of a scaled query from the scaled mean beyond which float32 scores overflow
+// (only checked when l2_scale > 1; at scale 1 kMaxSquaredNorm bounds everything).
+[[noreturn]] void reject_far_row(int64_t row);
+
 }  // namespace fullvq

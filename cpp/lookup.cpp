@@ -4,6 +4,8 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <tuple>
+#include <utility>
 
 #include "checks.h"
 #include "kernels.h"
@@ -55,9 +57,9 @@ std::vector<float> check_rows(const MatrixView& m, const char* what) {
     return mean;
 }
 
-// Row r transformed for the metric: l2 -> v - mean, cosine -> v / |v| (zero stays zero).
-// Returns the squared norm of the result.
-double transform_row(const MatrixView& m, int64_t r, Metric metric, const float* mean, float* out) {
+// Row r transformed for the metric: l2 -> (v - mean) * scale, cosine -> v / |v| (zero stays zero).
+// Returns the squared norm of the result before the scale (l2) or 1 (cosine, nonzero rows).
+double transform_row(const MatrixView& m, int64_t r, Metric metric, const float* mean, float scale, float* out) {
     double sq = 0.0;
     for (int64_t c = 0; c < m.cols; ++c) {
         out[c] = metric == Metric::L2 ? m.at(r, c) - mean[c] : m.at(r, c);
@@ -68,13 +70,40 @@ double transform_row(const MatrixView& m, int64_t r, Metric metric, const float*
         for (int64_t c = 0; c < m.cols; ++c) out[c] = float(out[c] * inv);
         sq = 1.0;
     }
+    if (scale != 1.f)
+        for (int64_t c = 0; c < m.cols; ++c) out[c] *= scale;
     return sq;
+}
+
+// The l2 codebook's largest squared distance from its mean, in double (see l2_scale).
+double centred_spread(const MatrixView& codes, const float* mean) {
+    double spread = 0.0;
+    for (int64_t r = 0; r < codes.rows; ++r) {
+        double sq = 0.0;
+        for (int64_t c = 0; c < codes.cols; ++c) {
+            const float t = codes.at(r, c) - mean[c];
+            sq += double(t) * t;
+        }
+        spread = std::max(spread, sq);
+    }
+    return spread;
+}
+
+// The column means (zeros for cosine) and the power-of-two scale of a checked codebook.
+std::pair<std::vector<float>, float> centring(const MatrixView& codes, Metric metric) {
+    std::vector<float> mean = check_rows(codes, "codebook");
+    if (metric == Metric::Cosine) {
+        std::fill(mean.begin(), mean.end(), 0.f);
+        return {mean, 1.f};
+    }
+    const float scale = l2_scale(centred_spread(codes, mean.data()));
+    return {mean, scale};
 }
 
 int64_t panel_count(int64_t codes, int width) { return (codes + width - 1) / width; }
 
 // Packs panels [panel0, panel0 + n) of the codebook: panels (n, D, P) and bias (n * P).
-void pack_panels(const MatrixView& codes, Metric metric, const float* mean, int width, int64_t panel0,
+void pack_panels(const MatrixView& codes, Metric metric, const float* mean, float scale, int width, int64_t panel0,
                  int64_t n, float* panels, float* bias) {
     const int64_t d = codes.cols;
     std::vector<float> row(d);
@@ -82,8 +111,8 @@ void pack_panels(const MatrixView& codes, Metric metric, const float* mean, int 
         const int64_t k = panel0 * width + i;
         float* dst = panels + (i / width) * d * width + (i % width);
         if (k < codes.rows) {
-            const double sq = transform_row(codes, k, metric, mean, row.data());
-            bias[i] = metric == Metric::L2 ? float(sq) : 0.f;
+            const double sq = transform_row(codes, k, metric, mean, scale, row.data());
+            bias[i] = metric == Metric::L2 ? float(sq * scale * scale) : 0.f;
             for (int64_t c = 0; c < d; ++c) dst[c * width] = row[c];
         } else {  // padding: never chosen
             bias[i] = std::numeric_limits<float>::infinity();
@@ -92,22 +121,23 @@ void pack_panels(const MatrixView& codes, Metric metric, const float* mean, int 
     }
 }
 
-// Queries prepared for the kernel: rows (M, D) = -2 (x - mean) or -x/|x|, and the per-row
-// offset that turns the kernel's minimum into a distance.
+// Queries prepared for the kernel: rows (M, D) = -2 (x - mean) * scale or -x/|x|, the per-row
+// offset that turns the kernel's minimum into a distance, and 1 / scale^2, which undoes the scale.
 struct Queries {
     std::vector<float> rows;
     std::vector<float> offset;
+    double unscale;
 };
 
-Queries prepare_queries(const MatrixView& x, Metric metric, const float* mean) {
+Queries prepare_queries(const MatrixView& x, Metric metric, const float* mean, float scale) {
     check_rows(x, "x");
-    Queries q{std::vector<float>(x.rows * x.cols), std::vector<float>(x.rows)};
+    const double scale2 = double(scale) * scale;
+    Queries q{std::vector<float>(x.rows * x.cols), std::vector<float>(x.rows), 1.0 / scale2};
     for (int64_t r = 0; r < x.rows; ++r) {
         float* out = q.rows.data() + r * x.cols;
-        const double sq = transform_row(x, r, metric, mean, out);
-        const float scale = metric == Metric::L2 ? -2.f : -1.f;
-        for (int64_t c = 0; c < x.cols; ++c) out[c] *= scale;
-        q.offset[r] = metric == Metric::L2 ? float(sq) : 1.f;
+        const double sq = transform_row(x, r, metric, mean, metric == Metric::L2 ? -2.f * scale : -1.f, out);
+        if (scale > 1.f && !(sq * scale2 <= kMaxSquaredNorm)) reject_far_row(r);
+        q.offset[r] = metric == Metric::L2 ? float(sq * scale2) : 1.f;
     }
     return q;
 }
@@ -167,7 +197,7 @@ void run_scan(const Kernel& kernel, const Queries& q, int64_t m, int64_t d, int6
             }
     for (int64_t i = 0; i < m; ++i) {
         indices[i] = best_idx[i];
-        if (distances) distances[i] = std::max(0.f, q.offset[i] + best[i]);
+        if (distances) distances[i] = float(std::max(0.f, q.offset[i] + best[i]) * q.unscale);
     }
 }
 
@@ -189,8 +219,7 @@ std::vector<std::string> available_kernels() {
 Codebook::Codebook(const MatrixView& codes, Metric metric, const std::string& kernel)
     : size_(codes.rows), dim_(codes.cols), metric_(metric), kernel_(&pick_kernel(kernel)) {
     check_codebook_shape(codes);
-    mean_ = check_rows(codes, "codebook");
-    if (metric == Metric::Cosine) std::fill(mean_.begin(), mean_.end(), 0.f);
+    std::tie(mean_, scale_) = centring(codes, metric);
     const int width = kernel_->panel_width;
     const int64_t n_panels = panel_count(size_, width);
     panels_.resize(size_t(n_panels) * dim_ * width);
@@ -198,7 +227,7 @@ Codebook::Codebook(const MatrixView& codes, Metric metric, const std::string& ke
     const int tasks = thread_count(0, size_, 1, dim_);  // packing costs about K * D
     parallel_for(tasks, [&](int t) {
         const int64_t p0 = n_panels * t / tasks, p1 = n_panels * (t + 1) / tasks;
-        pack_panels(codes, metric_, mean_.data(), width, p0, p1 - p0, panels_.data() + p0 * dim_ * width,
+        pack_panels(codes, metric_, mean_.data(), scale_, width, p0, p1 - p0, panels_.data() + p0 * dim_ * width,
                     bias_.data() + p0 * width);
     });
 }
@@ -207,7 +236,7 @@ const char* Codebook::kernel_name() const { return kernel_->name; }
 
 void Codebook::nearest(const MatrixView& x, int32_t* indices, float* distances, int threads) const {
     check_dims(x, dim_);
-    const Queries q = prepare_queries(x, metric_, mean_.data());
+    const Queries q = prepare_queries(x, metric_, mean_.data(), scale_);
     const int width = kernel_->panel_width;
     run_scan(*kernel_, q, x.rows, dim_, panel_count(size_, width), thread_count(threads, x.rows, size_, dim_),
              indices, distances, [&](int, int64_t p, int64_t) {
@@ -221,9 +250,10 @@ void nearest(const MatrixView& x, const MatrixView& codes, Metric metric, int32_
     check_codebook_shape(codes);
     check_dims(x, codes.cols);
     const Kernel& kernel = pick_kernel(kernel_name);
-    std::vector<float> mean = check_rows(codes, "codebook");
-    if (metric == Metric::Cosine) std::fill(mean.begin(), mean.end(), 0.f);
-    const Queries q = prepare_queries(x, metric, mean.data());
+    std::vector<float> mean;
+    float scale;
+    std::tie(mean, scale) = centring(codes, metric);
+    const Queries q = prepare_queries(x, metric, mean.data(), scale);
 
     const int width = kernel.panel_width;
     const int64_t d = codes.cols;
@@ -234,7 +264,7 @@ void nearest(const MatrixView& x, const MatrixView& codes, Metric metric, int32_
              [&](int t, int64_t p, int64_t n) {
                  panels[t].resize(size_t(per_chunk) * d * width);
                  bias[t].resize(size_t(per_chunk) * width);
-                 pack_panels(codes, metric, mean.data(), width, p, n, panels[t].data(), bias[t].data());
+                 pack_panels(codes, metric, mean.data(), scale, width, p, n, panels[t].data(), bias[t].data());
                  return std::pair<const float*, const float*>(panels[t].data(), bias[t].data());
              });
 }

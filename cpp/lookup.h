@@ -2,7 +2,8 @@
 //
 // Distances are computed as bias[k] + <x', c_k> with
 //   l2:     x' = -2 (x - mu), bias[k] = |c_k - mu|^2   (mu = codebook mean; centring keeps the
-//           expansion |x|^2 - 2<x,c> + |c|^2 well conditioned when codes share an offset)
+//           expansion |x|^2 - 2<x,c> + |c|^2 well conditioned when codes share an offset), all
+//           times a power of two that keeps tiny codebooks out of float32's underflow (checks.h)
 //   cosine: x' = -x/|x|,     c_k <- c_k/|c_k|, bias = 0 (zero vectors stay zero)
 // so the nearest code is the smallest value, ties going to the lowest index.
 #pragma once
@@ -51,6 +52,7 @@ private:
     Metric metric_;
     const Kernel* kernel_;
     std::vector<float> mean_;   // (D) l2 only: the centring offset mu
+    float scale_;               // l2 only: the power of two applied to codes and queries (l2_scale)
     std::vector<float> panels_; // packed codes, kernel layout
     std::vector<float> bias_;   // (K padded to the panel width)
 };

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -72,7 +73,9 @@ T copy_to_host(const T* src) {
 void check_rows(const char* what, const unsigned long long* bad_row, const double* squared_norms) {
     const unsigned long long row = copy_to_host(bad_row);
     if (row == kNoRow) return;
-    reject_row(what, int64_t(row), copy_to_host(squared_norms + row));
+    const double squared_norm = copy_to_host(squared_norms + row);
+    if (squared_norm <= kMaxSquaredNorm) reject_far_row(int64_t(row));  // flagged by RowTransform::far_check
+    reject_row(what, int64_t(row), squared_norm);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -107,19 +110,38 @@ __global__ void column_means(const double* __restrict__ partial, int parts, int6
     }
 }
 
+// *spread = the largest |v - mean|^2 over the rows of m, in double, as the bits of a non-negative
+// double (which order like the numbers); it must start at 0. One warp per row.
+__global__ void centred_spread(MatrixView m, const float* __restrict__ mean, unsigned long long* __restrict__ spread) {
+    const int lane = threadIdx.x % 32;
+    const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+    if (r >= m.rows) return;
+    const float* row = m.data + r * m.row_stride;
+    double sq = 0.0;
+    for (int64_t c = lane; c < m.cols; c += 32) {
+        const float t = row[c * m.col_stride] - mean[c];
+        sq += double(t) * t;
+    }
+    for (int offset = 16; offset > 0; offset /= 2) sq += __shfl_xor_sync(0xffffffffu, sq, offset);
+    if (lane == 0) atomicMax(spread, static_cast<unsigned long long>(__double_as_longlong(sq)));
+}
+
 // How prepare_rows turns a source row v into a kernel row, as transform_row/prepare_queries do:
 //   t = v - mean (float); cosine: t <- float(t / |t|) unless t == 0; out = t * scale.
 struct RowTransform {
     const float* mean;  // (D) device; zeros for cosine
-    float scale;        // 1 for codes; -2 (l2) or -1 (cosine) for queries
+    float scale;        // s for codes; -2 s (l2) or -1 (cosine) for queries; s = l2_scale (1 for cosine)
+    double norm_scale;  // s^2: l2 norm outputs are |t|^2 s^2
+    bool far_check;     // queries with s > 1: flag rows with |t|^2 s^2 > 1e37 (reject_far_row)
     bool cosine;
     float cosine_norm;  // norm output of cosine rows: 0 (code bias) or 1 (query offset)
     float pad_norm;     // norm output of padding rows: +inf for codes (never chosen)
 };
 
 // One warp per row r < rows_p of src: out (rows_p, dp) row-major with zero padding,
-// norm_out[r] = |t|^2 (l2) or cosine_norm, squared_norms[r] = |v|^2 in double, and
-// *bad_row = min(row_base + r) over rows with a non-finite value or |v|^2 > 1e37.
+// norm_out[r] = |t|^2 s^2 (l2) or cosine_norm, squared_norms[r] = |v|^2 in double, and
+// *bad_row = min(row_base + r) over rows with a non-finite value, |v|^2 > 1e37 or (far_check)
+// |t|^2 s^2 > 1e37.
 __global__ void prepare_rows(MatrixView src, RowTransform tf, int64_t rows_p, int64_t dp, float* __restrict__ out,
                              float* __restrict__ norm_out, double* __restrict__ squared_norms,
                              unsigned long long* __restrict__ bad_row, int64_t row_base) {
@@ -146,8 +168,9 @@ __global__ void prepare_rows(MatrixView src, RowTransform tf, int64_t rows_p, in
     }
     if (lane == 0) {
         squared_norms[r] = sq;
-        if (!(sq <= kMaxSquaredNorm)) atomicMin(bad_row, static_cast<unsigned long long>(row_base + r));
-        norm_out[r] = tf.cosine ? tf.cosine_norm : float(sq_t);
+        if (!(sq <= kMaxSquaredNorm) || (tf.far_check && !(sq_t * tf.norm_scale <= kMaxSquaredNorm)))
+            atomicMin(bad_row, static_cast<unsigned long long>(row_base + r));
+        norm_out[r] = tf.cosine ? tf.cosine_norm : float(sq_t * tf.norm_scale);
     }
     const double inv = tf.cosine && sq_t > 0.0 ? 1.0 / sqrt(sq_t) : 1.0;
     for (int64_t c = lane; c < dp; c += 32) {
@@ -321,11 +344,11 @@ scan_kernel(const float* __restrict__ xq, const float* __restrict__ codes, const
 
 // indices[r], distances[r] = max(0, offset[r] + score) from keys[r], r < m.
 __global__ void finish_kernel(const unsigned long long* __restrict__ keys, const float* __restrict__ offset,
-                              int64_t m, int32_t* __restrict__ indices, float* __restrict__ distances) {
+                              double unscale, int64_t m, int32_t* __restrict__ indices, float* __restrict__ distances) {
     for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < m; r += int64_t(gridDim.x) * blockDim.x) {
         const unsigned long long key = keys[r];
         indices[r] = int32_t(uint32_t(key));
-        if (distances) distances[r] = fmaxf(0.f, offset[r] + key_score(uint32_t(key >> 32)));
+        if (distances) distances[r] = float(double(fmaxf(0.f, offset[r] + key_score(uint32_t(key >> 32)))) * unscale);
     }
 }
 
@@ -368,6 +391,20 @@ void column_mean(const MatrixView& codes, float* mean, const DeviceInfo& info) {
     check_launch("column_sums");
     column_means<<<grid_1d(codes.cols, 256), 256, 0, kStream>>>(partial.get(), parts, codes.cols, codes.rows, mean);
     check_launch("column_means");
+}
+
+// The codebook's largest squared distance from `mean` (l2_scale's argument). Synchronises the stream.
+double spread(const MatrixView& codes, const float* mean, const DeviceInfo& info) {
+    constexpr int kRowsPerBlock = 8;  // one warp per row
+    Scratch<unsigned long long> bits(1, info.pool);
+    check(cudaMemsetAsync(bits.get(), 0, sizeof(unsigned long long), kStream), "cudaMemsetAsync");
+    centred_spread<<<unsigned(ceil_div(codes.rows, kRowsPerBlock)), 32 * kRowsPerBlock, 0, kStream>>>(codes, mean,
+                                                                                                       bits.get());
+    check_launch("centred_spread");
+    const unsigned long long value = copy_to_host(bits.get());
+    double result;
+    std::memcpy(&result, &value, sizeof result);
+    return result;
 }
 
 // Code tiles per block for row_tiles x n_tiles of work: minimises (waves) x (tiles per block +
@@ -453,11 +490,14 @@ DeviceCodebook::DeviceCodebook(const MatrixView& codes, Metric metric, int devic
         Scratch<double> squared_norms(size_, info.pool);
         Scratch<unsigned long long> bad_row(1, info.pool);
         check(cudaMemsetAsync(bad_row.get(), 0xff, sizeof(unsigned long long), kStream), "cudaMemsetAsync");
-        if (metric == Metric::L2)
+        if (metric == Metric::L2) {
             column_mean(codes, mean_, info);
-        else
+            scale_ = l2_scale(spread(codes, mean_, info));
+        } else {
             check(cudaMemsetAsync(mean_, 0, size_t(dim_) * sizeof(float), kStream), "cudaMemsetAsync");
-        const RowTransform tf{mean_, 1.f, metric == Metric::Cosine, 0.f, std::numeric_limits<float>::infinity()};
+        }
+        const RowTransform tf{mean_, scale_, double(scale_) * scale_, false, metric == Metric::Cosine, 0.f,
+                              std::numeric_limits<float>::infinity()};
         prepare(codes, tf, kp, dp, codes_, bias_, squared_norms.get(), bad_row.get(), 0);
         check_rows("codebook", bad_row.get(), squared_norms.get());
     } catch (...) {
@@ -492,7 +532,8 @@ void DeviceCodebook::nearest(const MatrixView& x, int32_t* indices, float* dista
     check(cudaMemsetAsync(bad_row.get(), 0xff, sizeof(unsigned long long), kStream), "cudaMemsetAsync");
 
     const bool cosine = metric_ == Metric::Cosine;
-    const RowTransform tf{mean_, cosine ? -1.f : -2.f, cosine, 1.f, 0.f};
+    const double scale2 = double(scale_) * scale_;
+    const RowTransform tf{mean_, cosine ? -1.f : -2.f * scale_, scale2, scale_ > 1.f, cosine, 1.f, 0.f};
     for (int64_t row0 = 0; row0 < m; row0 += chunk) {
         const int64_t rows = std::min(chunk, m - row0), rows_p = round_up(rows, kTile);
         const MatrixView part{x.data + row0 * x.row_stride, rows, x.cols, x.row_stride, x.col_stride};
@@ -505,7 +546,8 @@ void DeviceCodebook::nearest(const MatrixView& x, int32_t* indices, float* dista
                                                     rows, keys.get() + row0);
         check_launch("scan_kernel");
     }
-    finish_kernel<<<grid_1d(m, 256), 256, 0, kStream>>>(keys.get(), offset.get(), m, indices, distances);
+    finish_kernel<<<grid_1d(m, 256), 256, 0, kStream>>>(keys.get(), offset.get(), 1.0 / scale2, m, indices,
+                                                         distances);
     check_launch("finish_kernel");
     check_rows("x", bad_row.get(), squared_norms.get());  // synchronises: the results are written
 }

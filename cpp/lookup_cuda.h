@@ -53,6 +53,7 @@ private:
     float* codes_ = nullptr;  // (K, D) transformed codes, row-major
     float* bias_ = nullptr;   // (K)
     float* mean_ = nullptr;   // (D) l2 centring offset (zeros for cosine)
+    float scale_ = 1.f;       // l2: the power of two applied to codes and queries (checks.h l2_scale)
 };
 
 }  // namespace fullvq::cuda

@@ -23,7 +23,7 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fullvq_rt
@@ -38,7 +38,6 @@ MAX_SQUARED_NORM = 1e37  # the core's documented limit ("squared norm ... > 1e37
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-KNOWN_BUG = dict(SETTINGS, phases=[Phase.explicit, Phase.generate], report_multiple_bugs=False)  # no shrinking
 
 
 def gamma(n: int) -> float:
@@ -95,7 +94,8 @@ def assert_float32_argmin(x, codes, indices, metric, distances=None):
     gap = dist[rows, indices] - dist[rows, best]
     allowed = error[rows, indices] + error[rows, best]
     bad = np.flatnonzero(gap > allowed)
-    assert bad.size == 0, (f"{metric}: rows {bad[:5]} chose {indices[bad[:5]]} at distance {dist[bad[:5], indices[bad[:5]]]}"
+    assert bad.size == 0, (f"{metric}: rows {bad[:5]} chose {indices[bad[:5]]} at distance "
+                           f"{dist[bad[:5], indices[bad[:5]]]}"
                            f", the float64 minimum is {dist[bad[:5], best[bad[:5]]]} at {best[bad[:5]]} (allowed "
                            f"float32 tie {allowed[bad[:5]]})")
     first = first_copies(codes)
@@ -263,26 +263,48 @@ def test_scaling_both_sides_by_a_power_of_two_changes_nothing(size, metric, kern
     np.testing.assert_array_equal(scaled_dist, want)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug in the C++ core: l2 scores of inputs below ~1e-18 underflow float32 (bias |c - mu|^2 and the "
-    "products flush to 0), so every code scores 0 and index 0 comes back with no error; inputs over the "
-    "other end (squared norm > 1e37) are refused, these are not. Reproducer: "
-    "nearest(np.float32(1e-25) * np.array([[0, 1]], np.float32), np.float32(1e-25) * np.eye(2, dtype=np.float32)) "
-    "returns [0], the float64 argmin is 1 (the same arrays times 1e25 give [1])"))
-@settings(max_examples=20, **KNOWN_BUG)
+@settings(max_examples=20, **SETTINGS)
 @given(size=sizes(max_m=20, max_k=60, max_d=16).filter(lambda s: s[0] > 0 and s[1] > 1),
-       kernel=st.sampled_from(KERNELS), power=st.integers(60, 100), seed=st.integers(0, 2**32 - 1))
-def test_tiny_l2_magnitudes_still_give_the_nearest_code(size, kernel, power, seed):
-    # 2**-60 .. 2**-100 (1e-18 .. 1e-30): finite, normal float32 inputs; scaling both sides by a
-    # power of two does not change the nearest code (checked exactly above at moderate scales).
+       kernel=st.sampled_from(KERNELS), power=st.integers(60, 120), seed=st.integers(0, 2**32 - 1))
+def test_tiny_l2_magnitudes_give_the_same_codes_as_unit_ones(size, kernel, power, seed):
+    # 2**-60 .. 2**-120 (1e-18 .. 1e-36): finite, normal float32 inputs whose squared distances
+    # underflow float32. The core scales the codebook by a power of two into float32's range, so
+    # the codes are exactly those of the same arrays at unit scale (once, before the fix, every
+    # code scored 0 here and index 0 came back).
     m, k, d = size
     rng = np.random.default_rng(seed)
     x, codes = (a.astype(np.float32) for a in family_data(rng, "gaussian", m, k, d))
     s = np.float32(2.0**-power)
     tiny_x, tiny_codes = x * s, codes * s
-    assert np.all(np.abs(tiny_x[tiny_x != 0]) >= np.finfo(np.float32).tiny)
+    assume(all(np.all(np.abs(a[a != 0]) >= np.finfo(np.float32).tiny) for a in (tiny_x, tiny_codes)))
     got = fullvq_rt.nearest(tiny_x, tiny_codes, kernel=kernel)
+    np.testing.assert_array_equal(got, fullvq_rt.nearest(x, codes, kernel=kernel))
+    np.testing.assert_array_equal(fullvq_rt.Codebook(tiny_codes, kernel=kernel).nearest(tiny_x), got)
     assert_float32_argmin(x, codes, got, "l2")  # the float64 argmin is scale-free
+
+
+def test_tiny_codebook_scaling_keeps_distances_in_the_callers_units():
+    # 2**-40: the squared distances (~2**-80) are normal float32 numbers, so they come back exact.
+    rng = np.random.default_rng(5)
+    x, codes = rng.standard_normal((50, 8)).astype(np.float32), rng.standard_normal((300, 8)).astype(np.float32)
+    ids, dist = fullvq_rt.nearest(x, codes, return_distances=True)
+    s = np.float32(2.0**-40)
+    tiny_ids, tiny_dist = fullvq_rt.nearest(x * s, codes * s, return_distances=True)
+    np.testing.assert_array_equal(tiny_ids, ids)
+    np.testing.assert_array_equal(tiny_dist, dist * np.float32(2.0**-80))
+
+
+def test_a_query_far_beyond_a_tiny_codebooks_scale_is_refused():
+    # Codes ~1e-25 and a query ~1: the query is 1e25 times farther from the codes' mean than any
+    # code, which float32 distances cannot order. Before scaling, this case underflowed silently.
+    codes = np.float32(1e-25) * np.eye(3, dtype=np.float32)
+    x = np.array([[0.0, 1.0, 0.0], [0.0, 1e-25, 0.0]], np.float32)
+    with pytest.raises(ValueError, match=r"x row 0 is over 1e18 times farther .* same units"):
+        fullvq_rt.nearest(x, codes)
+    with pytest.raises(ValueError, match=r"x row 0 is over 1e18 times farther"):
+        fullvq_rt.Codebook(codes).nearest(x)
+    np.testing.assert_array_equal(fullvq_rt.nearest(x[1:], codes), [1])
+    np.testing.assert_array_equal(fullvq_rt.nearest(x, codes, "cosine"), [1, 1])  # scale-free: no limit
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,7 +377,8 @@ def test_nan_and_inf_are_refused_naming_the_first_bad_row(size, metric, which, v
 @settings(max_examples=60, **SETTINGS)
 @given(k=st.integers(1, 300), d=st.integers(1, 40), shape=st.tuples(st.integers(1, 4), st.integers(1, 9),
                                                                    st.integers(1, 9)),
-       id_dtype=st.sampled_from([np.int32, np.int64]), c_layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**32 - 1))
+       id_dtype=st.sampled_from([np.int32, np.int64]), c_layout=st.sampled_from(LAYOUTS),
+       seed=st.integers(0, 2**32 - 1))
 def test_gather_equals_numpy_fancy_indexing(k, d, shape, id_dtype, c_layout, seed):
     rng = np.random.default_rng(seed)
     codes = rng.standard_normal((k, d)).astype(np.float32)
