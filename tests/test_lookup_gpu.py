@@ -178,6 +178,27 @@ def test_nonfinite_and_huge_rows_raise() -> None:
         fullvq_rt.Codebook(bad_codes, "cosine")
 
 
+@pytest.mark.parametrize("power", [40, 90, 120])
+def test_tiny_codebooks_give_the_cpu_codes_and_far_queries_the_cpu_error(power: int) -> None:
+    # The power-of-two scaling of codebooks with a spread below 1 (checks.h l2_scale) on the GPU:
+    # the same codes as at unit scale and as the CPU, distances in the caller's units.
+    x, codebook = _data(300, 2000, 16, "l2", seed=15)
+    s = 2.0**-power
+    ids, dist = _lookup(x, codebook, "l2")
+    tiny_ids, tiny_dist = _lookup(x * s, codebook * s, "l2")
+    assert torch.equal(tiny_ids, ids)
+    assert torch.equal(tiny_ids.int().cpu(), torch.from_numpy(fullvq_rt.nearest((x * s).cpu().numpy(),
+                                                                               (codebook * s).cpu().numpy())))
+    if power == 40:  # distances ~2**-80 are normal float32 numbers: exact
+        assert torch.equal(tiny_dist, dist * 2.0**-80)
+    if power < 90:  # a query of 1 is 2**power times the codes: farther than 1e18 only from 2**60 on
+        return
+    far = x * s
+    far[4] = 1.0
+    with pytest.raises(ValueError, match=r"x row 4 is over 1e18 times farther"):
+        fullvq_rt.Codebook(codebook * s).nearest(far)
+
+
 def test_mixed_devices_raise() -> None:
     x, codebook = _data(4, 20, 8, "l2", seed=12)
     with pytest.raises(ValueError):
