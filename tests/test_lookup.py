@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import fullvq_rt
+from cpu_kernels import ALL_KERNELS, AVAILABLE, KERNEL_PARAMS
 from lookup_reference import assert_nearest
 
-KERNELS = fullvq_rt.cpu_kernels()
+MIN_WORK_PER_THREAD = 4 * 2**20  # cpp/lookup.cpp kMinWorkPerThread
 METRICS = ["l2", "cosine"]
 
 
@@ -18,7 +19,7 @@ def gaussian(rng, *shape):
     return rng.standard_normal(shape, dtype=np.float32)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize(
     "m,k,d",
@@ -40,7 +41,7 @@ def test_empty_query_gives_empty_result(rng):
     assert indices.shape == (0,) and indices.dtype == np.int32
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 def test_million_codes(rng, kernel):
     codes = gaussian(rng, 1 << 20, 8)
     picked = rng.choice(len(codes), 48, replace=False)
@@ -50,28 +51,38 @@ def test_million_codes(rng, kernel):
     np.testing.assert_array_equal(indices[:48], picked)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
 def test_duplicate_codes_lowest_index_wins(rng, kernel, metric, threads):
     # Copies of each code at indices spread over every thread's share of the codebook.
     base = gaussian(rng, 40, 12)
-    codes = np.tile(base, (100, 1))
+    codes = np.tile(base, (150, 1))
     x = base[rng.integers(0, 40, 500)] + 0.01 * gaussian(rng, 500, 12)
+    assert_enough_work_for(threads, len(x), len(codes), 12)
     indices = fullvq_rt.Codebook(codes, metric, kernel=kernel).nearest(x, num_threads=threads)
     assert np.all(indices < 40)
     assert_nearest(x, codes, indices, metric)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+def assert_enough_work_for(threads: int, m: int, k: int, d: int) -> None:
+    """The core gives a thread at least MIN_WORK_PER_THREAD multiply-adds (cpp/lookup.cpp
+    kMinWorkPerThread); a test of `threads` threads must give them that much, or it runs on fewer."""
+    assert m * k * (d + 2) >= threads * MIN_WORK_PER_THREAD, (m, k, d, threads)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 def test_all_equal_distances_give_index_zero(kernel):
-    codes = np.ones((5000, 8), np.float32)
+    # 4 threads, each scanning its own range of codes: ties across the ranges still go to code 0.
+    codes = np.ones((200_000, 8), np.float32)
+    assert_enough_work_for(4, 9, len(codes), 8)
     assert np.all(fullvq_rt.nearest(np.zeros((9, 8), np.float32), codes, kernel=kernel, num_threads=4) == 0)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 5])
-@pytest.mark.parametrize("m,k", [(300, 9000), (20000, 40)])  # split over codes / over rows
+@pytest.mark.parametrize("m,k", [(300, 9000), (40000, 40)])  # split over codes / over rows
 def test_thread_count_does_not_change_results(rng, threads, m, k):
+    assert_enough_work_for(threads, m, k, 16)
     x, codes = gaussian(rng, m, 16), gaussian(rng, k, 16)
     expected = fullvq_rt.nearest(x, codes, num_threads=1)
     np.testing.assert_array_equal(fullvq_rt.nearest(x, codes, num_threads=threads), expected)
@@ -79,7 +90,7 @@ def test_thread_count_does_not_change_results(rng, threads, m, k):
     assert_nearest(x, codes, expected)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 def test_large_norms(rng, kernel):
     # Codes far from the origin (a large shared offset) and a large spread, near the 1e37 limit.
     offset = 1e4 + gaussian(rng, 1, 16)
@@ -97,7 +108,7 @@ def test_norm_overflow_is_rejected(rng):
         fullvq_rt.Codebook(codes)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 def test_cosine_zero_vectors(rng, kernel):
     codes = gaussian(rng, 100, 8)
     codes[10] = 0
@@ -123,7 +134,7 @@ def test_non_finite_input_is_rejected(rng, bad):
         fullvq_rt.Codebook(codes)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 def test_strided_and_non_contiguous_inputs(rng, kernel):
     big_codes, big_x = gaussian(rng, 800, 20), gaussian(rng, 90, 30)
     cases = [
@@ -158,9 +169,11 @@ def test_other_float_dtypes_are_converted(rng):
     [
         (np.zeros((3, 4), np.int64), np.zeros((5, 4), np.float32), "x must be float32 .* got int64"),
         (np.zeros((3, 4), np.float32), np.zeros((5, 4), np.complex64), "codebook must be float32 .* got complex64"),
-        (np.zeros(4, np.float32), np.zeros((5, 4), np.float32), r"x must have shape \(M, 4\), got 1-D array of shape \(4,\)"),
+        (np.zeros(4, np.float32), np.zeros((5, 4), np.float32),
+         r"x must have shape \(M, 4\), got 1-D array of shape \(4,\)"),
         (np.zeros((2, 3, 4), np.float32), np.zeros((5, 4), np.float32), r"x must have shape \(M, 4\), got 3-D"),
-        (np.zeros((3, 5), np.float32), np.zeros((5, 4), np.float32), r"x has 5 columns .* expected x of shape \(M, 4\)"),
+        (np.zeros((3, 5), np.float32), np.zeros((5, 4), np.float32),
+         r"x has 5 columns .* expected x of shape \(M, 4\)"),
         (np.zeros((3, 4), np.float32), np.zeros((0, 4), np.float32), r"codebook has shape \(0, 4\)"),
         (np.zeros((3, 0), np.float32), np.zeros((5, 0), np.float32), r"codebook has shape \(5, 0\)"),
     ],
@@ -168,6 +181,15 @@ def test_other_float_dtypes_are_converted(rng):
 def test_bad_arguments_name_expected_and_actual(x, codes, message):
     with pytest.raises(ValueError, match=message):
         fullvq_rt.nearest(x, codes)
+
+
+def test_the_kernel_list_names_every_kernel_this_build_has():
+    # KERNEL_PARAMS runs (or visibly skips) each of ALL_KERNELS: a kernel missing from it would go untested.
+    assert set(AVAILABLE) <= set(ALL_KERNELS) and "scalar" in AVAILABLE
+    assert AVAILABLE == [name for name in ALL_KERNELS if name in AVAILABLE]  # best first, as "auto" picks
+    for name in set(ALL_KERNELS) - set(AVAILABLE):
+        with pytest.raises(ValueError, match=f"kernel '{name}' is not supported by this CPU"):
+            fullvq_rt.nearest(np.zeros((1, 4), np.float32), np.zeros((2, 4), np.float32), kernel=name)
 
 
 def test_bad_options(rng):
@@ -206,14 +228,18 @@ def test_codebook_keeps_its_own_copy(rng):
     del codes
     np.testing.assert_array_equal(book.nearest(x), expected)
     assert (book.size, book.dim, book.metric, book.device) == (300, 8, "l2", "cpu")
-    assert book.kernel == KERNELS[0] and "Codebook(size=300" in repr(book)
+    assert book.kernel == AVAILABLE[0] and "Codebook(size=300" in repr(book)
 
 
 def _peak_rss_growth(fn) -> int:
     """Peak resident memory added while fn runs, in bytes (Linux: resets the high-water mark)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith(key)).split()[1]) * 1024
+
     before = status("VmRSS:")
     fn()
     return status("VmHWM:") - before
