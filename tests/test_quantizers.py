@@ -114,7 +114,10 @@ def test_bridge_keeps_codes_in_their_grid_patch():
         bridge.head.weight.normal_()
     raw = torch.randn(256, 3)
     base = bridge(raw)
-    patch_of = lambda k: (k // 16 // 4, k % 16 // 4)
+
+    def patch_of(k):
+        return k // 16 // 4, k % 16 // 4
+
     for k in (0, 5, 77, 255):
         bumped = raw.clone()
         bumped[k] += 1.0
@@ -215,3 +218,61 @@ def test_usage_is_counted_exactly():
     uniform = CodeCounter(4)
     uniform.add(torch.arange(4).repeat(5))
     assert uniform.perplexity == pytest.approx(4.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# residual VQ (quantizer.residual_depth)
+
+
+@pytest.mark.parametrize("name", ["vq", "simvq"])
+def test_residual_stages_quantise_what_the_earlier_ones_left(name, lc_file):
+    torch.manual_seed(0)
+    q = make(name, lc_file, residual_depth=3)
+    z = torch.randn(2, 8, 4, 3)
+    out = q(z)
+    books = q.bake()
+    assert out.indices.shape == (2, 4, 3, 3) and books.shape == (3, 256, 8)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 8)
+    ids = out.indices.reshape(-1, 3)
+    residual, total = flat, torch.zeros_like(flat)
+    for stage in range(3):  # each stage picks the nearest of its own codes to what is left
+        assert torch.equal(ids[:, stage], chunked_argmin(residual, books[stage], "l2"))
+        chosen = books[stage][ids[:, stage]]
+        residual, total = residual - chosen, total + chosen
+    torch.testing.assert_close(out.z_q.detach().permute(0, 2, 3, 1).reshape(-1, 8), total)
+    assert (flat - total).norm() < (flat - books[0][ids[:, 0]]).norm()  # the later stages reduce the error
+    assert set(out.stats) >= {f"{k}_{i}" for k in make(name, lc_file)(z).stats for i in range(3)}
+
+
+def test_residual_straight_through_passes_the_gradient_once(lc_file):
+    # d z_q / d z = I, as for one stage: a copy per stage would scale the encoder's gradient by depth.
+    q = make("vq", lc_file, residual_depth=3)
+    z = torch.randn(2, 8, 3, 3, requires_grad=True)
+    weights = torch.randn(2, 8, 3, 3)
+    (q(z).z_q * weights).sum().backward()
+    torch.testing.assert_close(z.grad, weights)
+
+
+def test_residual_commitment_reaches_the_encoder_from_every_stage(lc_file):
+    # stage i's commitment is |z - (codes of stages < i) - code_i|^2: the encoder is pulled towards
+    # the sum of codes so far at every stage, so the loss of depth 2 has a gradient the first lacks.
+    torch.manual_seed(1)
+    q = make("vq", lc_file, residual_depth=2)
+    z = torch.randn(2, 8, 3, 3, requires_grad=True)
+    out = q(z)
+    (grad_all,) = torch.autograd.grad(out.loss, z, retain_graph=True)
+    first = q.stages[0](z)
+    (grad_first,) = torch.autograd.grad(first.loss, z)
+    assert not torch.allclose(grad_all, grad_first)
+
+
+def test_residual_usage_counts_each_stage_on_its_own_codebook():
+    # stage 0 uses codes {0, 1}, stage 1 code {1}: 3 of the 2 x 4 (stage, code) pairs, not 2 of 4 codes
+    counter = CodeCounter(4, depth=2)
+    counter.add(torch.tensor([[[0, 1], [1, 1]]]))
+    assert counter.counts.tolist() == [1, 1, 0, 0, 0, 2, 0, 0]
+    assert counter.usage == 3 / 8 and counter.num_tokens == 2 and counter.dead_codes == 5
+    assert counter.perplexity == pytest.approx((2 * 1) ** 0.5)  # geometric mean of the stages' 2 and 1
+    with pytest.raises(ValueError, match=r"expected indices \(\.\.\., 2\)"):
+        counter.add(torch.tensor([0, 1, 2]))
+

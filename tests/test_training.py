@@ -20,7 +20,9 @@ FVQ = str(Path(__file__).resolve().parents[1] / "train" / "fvq.py")
 
 
 def test_anneal_schedule_key_steps():
-    f = lambda step: lr_factor(step, 1000, "anneal", warmup=0.1, decay_start=0.5, final_ratio=0.01)
+    def f(step):
+        return lr_factor(step, 1000, "anneal", warmup=0.1, decay_start=0.5, final_ratio=0.01)
+
     assert f(0) == pytest.approx(0.01) and f(49) == pytest.approx(0.5) and f(99) == 1.0
     assert f(100) == f(499) == 1.0
     assert f(749) == pytest.approx(1 - 0.99 * 249 / 499)
@@ -184,7 +186,8 @@ def test_checkpoint_rebuilds_the_model_alone(tmp_path, photo_dir):
     cfg = small_config(tmp_path, photo_dir, **{"quantizer.name": "vq"})
     metrics = train(cfg)
     out = Path(cfg.out)
-    assert {"usage", "psnr", "num_tokens", "usage_train", "step_time_s"} <= set(json.loads((out / "metrics.json").read_text()))
+    written = json.loads((out / "metrics.json").read_text())
+    assert {"usage", "psnr", "num_tokens", "usage_train", "step_time_s"} <= set(written)
     assert metrics["num_tokens"] > 0 and (out / "reconstructions.png").is_file()
     model, loaded_cfg = checkpoint.load_model(out / "ckpt.pt")
     assert loaded_cfg == cfg and model.quantize.bake().shape == (256, 8)
@@ -214,6 +217,20 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a fullvq checkpoint"):
         checkpoint.load(tmp_path / "other.pt")
+
+
+def test_residual_vq_trains_counts_usage_per_stage_and_refuses_export(tmp_path, photo_dir):
+    from fullvq.export import ExportError, export
+
+    cfg = small_config(tmp_path, photo_dir, **{"quantizer.name": "vq", "quantizer.residual_depth": 2})
+    metrics = train(cfg)
+    state = checkpoint.load(Path(cfg.out) / "ckpt.pt")
+    model, _ = checkpoint.model_from_state(state)
+    assert model.quantize.bake().shape == (2, 256, cfg.quantizer.codebook_dim)
+    # usage over (stage, code) pairs: 8 crops of 4x4 tokens give at most 128 of each stage's 256 codes
+    assert 0 < metrics["usage_train"] <= 128 / 256 and metrics["num_tokens_train"] == 8 * 16
+    with pytest.raises(ExportError, match=r"residual quantizers \(residual_depth=2\) cannot be exported yet"):
+        export(Path(cfg.out) / "ckpt.pt", tmp_path / "rvq.engine")
 
 
 def run_cli(*args, cwd=None, env=None):

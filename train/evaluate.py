@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             planned = planned_images(sources, crop, size, factor, args.max_pixels)
         every = -(-planned // args.perceptual_sample) if args.perceptual_sample > 0 else 1
         evaluator = Evaluator(cfg.quantizer.codebook_size, d.device, lpips_net="" if args.lpips_net == "none"
-                              else args.lpips_net, fid=not args.no_fid, perceptual_every=every)
+                              else args.lpips_net, fid=not args.no_fid, perceptual_every=every,
+                              depth=cfg.quantizer.residual_depth)
         if d.main:
             print(plan_line(evaluator, model, planned * d.world, every, crop, size, cfg.image_size), flush=True)
         if tiles is not None:

@@ -62,13 +62,18 @@ PROTOCOL = {
 LPIPS_MIN_SIZE = {"alex": 32, "vgg": 16}  # smaller inputs pool down to nothing inside the backbone
 
 
+def quantizer_depth(model) -> int:
+    """Codes per token position: the residual stages of the model's quantizer (1 without)."""
+    return getattr(model.quantize, "depth", 1)
+
+
 class Evaluator:
     """Accumulates metrics over batches of (original, reconstruction, code indices)."""
 
     def __init__(self, codebook_size: int, device: torch.device | str = "cpu", lpips_net: str = "alex",
-                 fid: bool = True, perceptual_every: int = 1):
+                 fid: bool = True, perceptual_every: int = 1, depth: int = 1):
         self.device = torch.device(device)
-        self.codes = CodeCounter(codebook_size, self.device)
+        self.codes = CodeCounter(codebook_size, self.device, depth)  # depth: residual VQ stages
         self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # psnr, psnr_y, ssim, lpips
         self.count = torch.zeros((), dtype=torch.float64, device=self.device)
         # LPIPS and the FID Inception see images 0, every, 2 * every ... of this rank (all when 1)
@@ -184,7 +189,8 @@ def evaluate_images(model, images: torch.Tensor, batch_size: int, device, progre
                     evaluator: Evaluator | None = None, **options) -> Evaluator:
     """Runs this rank's images (N, 3, S, S) in [-1, 1] through the model, into `evaluator` (default: a
     new one; `options` go to Evaluator)."""
-    evaluator = evaluator or Evaluator(model.quantize.codebook_size, device, **options)
+    evaluator = evaluator or Evaluator(model.quantize.codebook_size, device, depth=quantizer_depth(model),
+                                       **options)
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, dynamic_ncols=True, mininterval=1.0):
         evaluator.add_model_batch(model, images[start:start + batch_size])
@@ -344,7 +350,9 @@ def evaluate_files(model, files: list, image_size: int, crop: str, batch_size: i
     Metrics go into `evaluator` (default: a new one; `options` go to Evaluator)."""
     if crop not in CROPS:
         raise ValueError(f"unknown crop {crop!r}: expected one of {', '.join(CROPS)}")
-    evaluator, skipped = evaluator or Evaluator(model.quantize.codebook_size, device, **options), EvalSkipped()
+    evaluator = evaluator or Evaluator(model.quantize.codebook_size, device, depth=quantizer_depth(model),
+                                       **options)
+    skipped = EvalSkipped()
     bar = tqdm(files, desc="evaluate", unit="image", disable=not progress, dynamic_ncols=True, mininterval=1.0)
     if crop in ("none", "resize"):
         images = any_size_images(bar, crop, image_size, model.encoder.downsample_factor, skipped, max_pixels)
@@ -417,7 +425,7 @@ def save_grid(path, originals: torch.Tensor, recons: torch.Tensor, columns: int 
 
     boxes: dict[str, list[tuple[int, int]]] = {name: [] for name in names}
     for r in range(pair_rows):
-        for k, (name, images) in enumerate(zip(names, (originals, recons))):
+        for k, (name, images) in enumerate(zip(names, (originals, recons), strict=True)):
             y = top + r * (2 * (th + gap) + pair_gap) + k * (th + gap)
             draw.text((6, y + (th - text_h) // 2), name, fill="black", font=font)
             for c in range(columns):

@@ -17,17 +17,30 @@ def steady_step_time(step_times: list[float]) -> float | None:
 
 
 class CodeCounter:
-    """Exact code histogram (K,) of this rank; `across_ranks()` sums it over ranks."""
+    """Exact code histogram of this rank; `across_ranks()` sums it over ranks.
 
-    def __init__(self, codebook_size: int, device: torch.device | str = "cpu"):
-        self.counts = torch.zeros(codebook_size, dtype=torch.long, device=device)
+    With depth > 1 (residual VQ) every stage has its own codebook: indices are (..., depth) and the
+    histogram (depth * K,) counts (stage, code) pairs, so a code counts as used in each stage that
+    picks it, not in every stage once one does.
+    """
+
+    def __init__(self, codebook_size: int, device: torch.device | str = "cpu", depth: int = 1):
+        self.codebook_size, self.depth = codebook_size, depth
+        self.counts = torch.zeros(depth * codebook_size, dtype=torch.long, device=device)
 
     def add(self, indices: torch.Tensor) -> None:
-        self.counts += torch.bincount(indices.reshape(-1).to(self.counts.device), minlength=len(self.counts))
+        """indices: (...) codes, or (..., depth) per stage when depth > 1."""
+        indices = indices.to(self.counts.device)
+        if self.depth > 1:
+            if indices.shape[-1] != self.depth:
+                raise ValueError(f"expected indices (..., {self.depth}) of a residual quantizer, got "
+                                 f"{tuple(indices.shape)}")
+            indices = indices + self.codebook_size * torch.arange(self.depth, device=indices.device)
+        self.counts += torch.bincount(indices.reshape(-1), minlength=len(self.counts))
 
     def across_ranks(self) -> CodeCounter:
         """A new counter holding the histogram summed over ranks (this one is left as it is)."""
-        total = CodeCounter(len(self.counts), self.counts.device)
+        total = CodeCounter(self.codebook_size, self.counts.device, self.depth)
         total.counts += self.counts
         if dist.is_initialized():
             dist.all_reduce(total.counts)
@@ -35,22 +48,25 @@ class CodeCounter:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.counts.sum())
+        """Token positions counted (each holds `depth` codes)."""
+        return int(self.counts.sum()) // self.depth
 
     @property
     def usage(self) -> float:
-        """Fraction of codes used at least once."""
+        """Fraction of codes used at least once (of every stage's codes: the stages' mean usage)."""
         return float((self.counts > 0).float().mean())
 
     @property
     def dead_codes(self) -> int:
+        """Codes never used, summed over the stages."""
         return int((self.counts == 0).sum())
 
     @property
     def perplexity(self) -> float:
-        """exp(entropy) of the code histogram: K for perfectly uniform use."""
-        p = self.counts.double() / max(1, self.num_tokens)
-        return float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+        """exp(entropy) of the code histogram: K for perfectly uniform use (with depth > 1, the
+        geometric mean of the stages' perplexities)."""
+        p = self.counts.double() / max(1, int(self.counts.sum()))
+        return float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())) / self.depth
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

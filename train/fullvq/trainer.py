@@ -94,7 +94,7 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
         torch.set_rng_state(state["rng"])
     if d.main:
         checkpoint.truncate_log(out / "log.jsonl", step)
-    window = CodeCounter(cfg.quantizer.codebook_size, d.device)
+    window = CodeCounter(cfg.quantizer.codebook_size, d.device, cfg.quantizer.residual_depth)
     window_psnr, step_times = [], []
     last = min(cfg.steps, stop_at or cfg.steps)
     bar = tqdm(total=cfg.steps, initial=step, disable=not d.main, desc=f"fvq {cfg.quantizer.name}",
@@ -141,7 +141,7 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
                    "psnr": float(distributed.mean_across(torch.stack(window_psnr).mean())),
                    **{k: float(v) for k, v in stats.items()}, **{k: float(v) for k, v in quant.stats.items()},
                    **dead_positions(model, counts)}
-            window, window_psnr = CodeCounter(cfg.quantizer.codebook_size, d.device), []
+            window, window_psnr = CodeCounter(cfg.quantizer.codebook_size, d.device, cfg.quantizer.residual_depth), []
             if d.main:
                 bar.set_postfix(loss=f"{log['loss']:.4f}", usage=f"{usage:.1%}", psnr=f"{log['psnr']:.2f}")
                 out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,7 @@ def usage_on_fresh_crops(cfg: Config, model, sources, d: distributed.Dist) -> li
     -> [{"tokens_per_code", "num_tokens", "usage"}], densest last."""
     k, per_crop = cfg.quantizer.codebook_size, tokens_per_crop(cfg)
     fresh = training_crops(sources, cfg.image_size, cfg.seed + 1, cfg.train_crops)
-    counter, done, curve, marks = CodeCounter(k, d.device), 0, [], usage_marks(cfg)
+    counter, done, curve, marks = CodeCounter(k, d.device, cfg.quantizer.residual_depth), 0, [], usage_marks(cfg)
     # a smoke run sets eval_crops=N to measure on N crops instead (the bar's ETA says what the default costs)
     bar = tqdm(total=marks[-1], disable=not d.main, unit="crop", dynamic_ncols=True, mininterval=1.0,
                desc=f"usage_train ({marks[-1]} fresh {cfg.image_size} px crops; eval_crops=N for fewer)")
