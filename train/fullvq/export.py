@@ -241,6 +241,18 @@ def tensorrt_unavailable() -> str:
     return ""
 
 
+def check_trt_precision(precision: str) -> None:
+    """ExportError when the installed TensorRT cannot build `precision` (bf16 on TensorRT 11)."""
+    import tensorrt as trt
+
+    from .trt_build import TrtBuildError, precision_plan
+
+    try:
+        precision_plan(trt, precision)
+    except TrtBuildError as e:
+        raise ExportError(str(e)) from None
+
+
 def build_trt_plans(exported: Exported, precision: str, batch: tuple[int, int, int],
                     size: tuple[int, int, int] | None = None) -> None:
     """Adds trt/sm_XY/{encoder,decoder}.plan for this GPU and their manifest entry, with one
@@ -282,12 +294,15 @@ def export(ckpt: str | Path | dict, out: str | Path, precision: str = "fp16", ba
         raise ValueError(f"batch must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got {batch}")
     if trt_size is not None and not (len(trt_size) == 3 and 1 <= trt_size[0] <= trt_size[1] <= trt_size[2]):
         raise ValueError(f"--trt-size must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got {trt_size}")
+    trt_skipped = tensorrt_unavailable()
+    if trt_skipped and require_trt:
+        raise ExportError(f"--require-trt: cannot build TensorRT plans: {trt_skipped}")
+    if not trt_skipped:
+        check_trt_precision(precision)  # before the ONNX export's minutes: bf16 on TensorRT 11 fails here
     exported = export_graphs(ckpt, image_size, generator, dynamic_size)
     size_profile(exported.manifest, trt_size)  # a wrong --trt-size fails here too, with or without TensorRT
-    exported.trt_skipped = tensorrt_unavailable()
-    if exported.trt_skipped and require_trt:
-        raise ExportError(f"--require-trt: cannot build TensorRT plans: {exported.trt_skipped}")
-    if not exported.trt_skipped:
+    exported.trt_skipped = trt_skipped
+    if not trt_skipped:
         build_trt_plans(exported, precision, batch, trt_size)
     write_bundle(out, exported.manifest, exported.members)
     return exported
