@@ -8,7 +8,9 @@
 The property: every input either loads or raises fullvq_rt.EngineError. Any other exception, a native
 crash, an input that runs longer than --timeout seconds or a process that grows past --rss-mb is a
 finding. Inputs are whole .engine files, so a finding is a corpus file as it stands: copy it to
-tests/data/engine_corpus/fuzz-<what>.engine and tests/test_bundle.py::test_regression_corpus replays it.
+tests/data/engine_corpus/fuzz-<what>.engine and add the words its refusal must hold to
+tests/test_bundle.py's CORPUS_REFUSALS; test_regression_corpus replays it
+(tests/data/engine_corpus/README.md).
 
 Engine (atheris = libFuzzer driving instrumented Python): all loaded Python code (fullvq_rt, zipfile,
 numpy's .npy reader, ...) is instrumented, so coverage counts Python branches. libFuzzer's byte-level
@@ -40,6 +42,7 @@ import json
 import os
 import random
 import shutil
+import struct
 import sys
 import traceback
 import warnings
@@ -52,8 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "data" / "engine_corpus"
 sys.path.insert(0, str(ROOT / "tests"))
 
-import fullvq_rt
-from fullvq_rt.bundle import EngineError, read_bundle, write_bundle
+import fullvq_rt  # noqa: E402 - after the tests folder joins sys.path
+from fullvq_rt.bundle import EngineError, read_bundle, write_bundle  # noqa: E402
 
 KNOWN_MEMBERS = ["manifest.json", "codebook.npy", "encoder.onnx", "decoder.onnx", "generator/prefill.onnx",
                  "generator/decode.onnx", "trt/sm_90/encoder.plan", "trt/sm_90/decoder.plan",
@@ -166,8 +169,6 @@ def rezip(entries: list[tuple[str, bytes]], rng: random.Random, container: bool 
                 info.compress_type = zipfile.ZIP_STORED
                 if i == odd_index and oddity == 0:
                     info.compress_type = rng.choice([zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
-                if i == odd_index and oddity == 1:
-                    info.flag_bits |= 0x800
                 if i == odd_index and oddity == 2:
                     with z.open(info, "w", force_zip64=True) as f:
                         f.write(data)
@@ -177,7 +178,25 @@ def rezip(entries: list[tuple[str, bytes]], rng: random.Random, container: bool 
                 z.writestr(info, data)
             if oddity == 4:
                 z.comment = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+    if oddity == 1 and entries and entries[odd_index][0]:
+        return non_utf8_name_flagged_utf8(buffer.getvalue(), odd_index)
     return buffer.getvalue()
+
+
+def non_utf8_name_flagged_utf8(data: bytes, index: int) -> bytes:
+    """The zip `data` with member `index`'s name starting with byte 0x82 (no UTF-8 text starts with
+    it) and the UTF-8 flag (0x800) set, in its local header and its central directory entry.
+    zipfile cannot write this: it sets the flag itself, only for names it encodes as UTF-8."""
+    out = bytearray(data)
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        local, central = z.infolist()[index].header_offset, z.start_dir
+    for _ in range(index):  # central entries: 46 bytes, then name, extra and comment
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", out, central + 28)
+        central += 46 + name_len + extra_len + comment_len
+    for flags_at, name_at in ((local + 6, local + 30), (central + 8, central + 46)):
+        struct.pack_into("<H", out, flags_at, struct.unpack_from("<H", out, flags_at)[0] | 0x800)
+        out[name_at] = 0x82
+    return bytes(out)
 
 
 def json_paths(value, prefix=()):
