@@ -40,9 +40,10 @@ const Kernel& pick_kernel(const std::string& name) {
 }
 
 // Rejects NaN/Inf and rows whose squared norm could overflow the float32 distance arithmetic;
-// returns the column means (the l2 centring offset).
-std::vector<float> check_rows(const MatrixView& m, const char* what) {
+// returns the column means (the l2 centring offset) and, if asked, the mean squared norm.
+std::vector<float> check_rows(const MatrixView& m, const char* what, double* mean_squared_norm = nullptr) {
     std::vector<double> sum(m.cols, 0.0);
+    double total = 0.0;
     for (int64_t r = 0; r < m.rows; ++r) {
         double sq = 0.0;
         for (int64_t c = 0; c < m.cols; ++c) {
@@ -51,7 +52,9 @@ std::vector<float> check_rows(const MatrixView& m, const char* what) {
             sum[c] += v;
         }
         if (!(sq <= kMaxSquaredNorm)) reject_row(what, r, sq);  // NaN or Inf make sq non-finite
+        total += sq;
     }
+    if (mean_squared_norm) *mean_squared_norm = m.rows ? total / double(m.rows) : 0.0;
     std::vector<float> mean(m.cols);
     for (int64_t c = 0; c < m.cols; ++c) mean[c] = m.rows ? float(sum[c] / m.rows) : 0.f;
     return mean;
@@ -91,13 +94,20 @@ double centred_spread(const MatrixView& codes, const float* mean) {
 
 // The column means (zeros for cosine) and the power-of-two scale of a checked codebook.
 std::pair<std::vector<float>, float> centring(const MatrixView& codes, Metric metric) {
-    std::vector<float> mean = check_rows(codes, "codebook");
+    double mean_sq = 0.0;
+    std::vector<float> mean = check_rows(codes, "codebook", &mean_sq);
     if (metric == Metric::Cosine) {
         std::fill(mean.begin(), mean.end(), 0.f);
         return {mean, 1.f};
     }
-    const float scale = l2_scale(centred_spread(codes, mean.data()));
-    return {mean, scale};
+    // The codes' mean squared distance from their mean is mean_sq - |mean|^2, and the spread (the
+    // largest) is at least that. Rounding (the float32 mean, sums of up to 2^31 rows in double)
+    // stays under 1e-5 mean_sq: when the difference is 1 or more past it, the scale is 1 and the
+    // second pass over the codebook is skipped.
+    double mean_norm = 0.0;
+    for (const float v : mean) mean_norm += double(v) * v;
+    if (mean_sq - mean_norm - 1e-5 * mean_sq >= 1.0) return {mean, 1.f};
+    return {mean, l2_scale(centred_spread(codes, mean.data()))};
 }
 
 int64_t panel_count(int64_t codes, int width) { return (codes + width - 1) / width; }
