@@ -149,6 +149,9 @@ def test_bridge_raw_lr_scale_sets_the_raw_codes_own_learning_rate(tmp_path, phot
     cfg.quantizer.bridge_lr_scale = 2.0
     groups = {g["lr_scale"]: g["params"] for g in param_groups(model, cfg)}
     assert len(groups[2.0]) == len(list(model.quantize.bridge.parameters())) and len(groups[1.0]) > 1  # raw codes: 1
+    residual = build_model(small_config(tmp_path, photo_dir, **{"quantizer.residual_depth": 2}))
+    groups = {g["lr_scale"]: g["params"] for g in param_groups(residual, cfg)}  # each stage's bridge
+    assert len(groups[2.0]) == sum(len(list(s.bridge.parameters())) for s in residual.quantize.stages)
     cfg.quantizer.bridge_lr_scale = 1.0
     cfg.quantizer.bridge_raw_lr_scale = 0.0  # raw codes frozen: only the bridge and the rest learn
     assert train(cfg, stop_at=2) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -226,10 +227,12 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     """The optimiser's groups, each with its "lr_scale": one group of everything (FVQ's), unless
     quantizer.bridge_lr_scale or bridge_raw_lr_scale differ from 1, which give the bridge network
     and its raw codes groups of their own at those multiples of the lr."""
-    scales = {"quantize.bridge.": cfg.quantizer.bridge_lr_scale, "quantize.raw": cfg.quantizer.bridge_raw_lr_scale}
+    scales = {"bridge.": cfg.quantizer.bridge_lr_scale, "raw": cfg.quantizer.bridge_raw_lr_scale}
     groups: dict[float, list] = {}
     for name, param in model.named_parameters():
-        scale = next((v for prefix, v in scales.items() if name.startswith(prefix)), 1.0)
+        # quantize.<part>, or quantize.stages.<i>.<part> in each stage of a residual quantizer
+        part = re.sub(r"^quantize\.(stages\.\d+\.)?", "", name) if name.startswith("quantize.") else name
+        scale = next((v for prefix, v in scales.items() if part != name and part.startswith(prefix)), 1.0)
         groups.setdefault(scale, []).append(param)
     return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
 
