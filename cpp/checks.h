@@ -25,8 +25,9 @@ void check_dims(const MatrixView& x, int64_t dim);
 // magnitudes are bit for bit those of the unscaled arithmetic. Returns 1 for spread >= 1 or 0.
 float l2_scale(double spread);
 
-// Squared distance of a scaled query from the scaled mean beyond which float32 scores overflow
-// (only checked when l2_scale > 1; at scale 1 kMaxSquaredNorm bounds everything).
+// Rejects x row `row`, whose squared distance from the codebook's mean, times l2_scale^2, is over
+// kMaxSquaredNorm: its float32 scores would overflow. Only checked when l2_scale > 1; at scale 1
+// the per-row kMaxSquaredNorm check bounds every score.
 [[noreturn]] void reject_far_row(int64_t row);
 
 }  // namespace fullvq

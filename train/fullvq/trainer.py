@@ -95,7 +95,7 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
         torch.set_rng_state(state["rng"])
     if d.main:
         checkpoint.truncate_log(out / "log.jsonl", step)
-    window = CodeCounter(cfg.quantizer.codebook_size, d.device, cfg.quantizer.residual_depth)
+    window = code_counter(cfg, d.device)
     window_psnr, step_times = [], []
     last = min(cfg.steps, stop_at or cfg.steps)
     bar = tqdm(total=cfg.steps, initial=step, disable=not d.main, desc=f"fvq {cfg.quantizer.name}",
@@ -142,7 +142,7 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
                    "psnr": float(distributed.mean_across(torch.stack(window_psnr).mean())),
                    **{k: float(v) for k, v in stats.items()}, **{k: float(v) for k, v in quant.stats.items()},
                    **dead_positions(model, counts)}
-            window, window_psnr = CodeCounter(cfg.quantizer.codebook_size, d.device, cfg.quantizer.residual_depth), []
+            window, window_psnr = code_counter(cfg, d.device), []
             if d.main:
                 bar.set_postfix(loss=f"{log['loss']:.4f}", usage=f"{usage:.1%}", psnr=f"{log['psnr']:.2f}")
                 out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +198,7 @@ def usage_on_fresh_crops(cfg: Config, model, sources, d: distributed.Dist) -> li
     -> [{"tokens_per_code", "num_tokens", "usage"}], densest last."""
     k, per_crop = cfg.quantizer.codebook_size, tokens_per_crop(cfg)
     fresh = training_crops(sources, cfg.image_size, cfg.seed + 1, cfg.train_crops)
-    counter, done, curve, marks = CodeCounter(k, d.device, cfg.quantizer.residual_depth), 0, [], usage_marks(cfg)
+    counter, done, curve, marks = code_counter(cfg, d.device), 0, [], usage_marks(cfg)
     # a smoke run sets eval_crops=N to measure on N crops instead (the bar's ETA says what the default costs)
     bar = tqdm(total=marks[-1], disable=not d.main, unit="crop", dynamic_ncols=True, mininterval=1.0,
                desc=f"usage_train ({marks[-1]} fresh {cfg.image_size} px crops; eval_crops=N for fewer)")
@@ -217,6 +217,11 @@ def usage_on_fresh_crops(cfg: Config, model, sources, d: distributed.Dist) -> li
     return curve
 
 
+def code_counter(cfg: Config, device: torch.device) -> CodeCounter:
+    """An empty histogram of the run's codes (per stage of a residual quantizer)."""
+    return CodeCounter(cfg.quantizer.codebook_size, device, cfg.quantizer.residual_depth)
+
+
 def dead_positions(model, counts: CodeCounter) -> dict:
     """{"dead_positions": n} for a bridge (BridgeQuantizer.dead_positions), {} for other quantizers."""
     quantize = getattr(model, "module", model).quantize
@@ -230,9 +235,9 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     scales = {"bridge.": cfg.quantizer.bridge_lr_scale, "raw": cfg.quantizer.bridge_raw_lr_scale}
     groups: dict[float, list] = {}
     for name, param in model.named_parameters():
-        # quantize.<part>, or quantize.stages.<i>.<part> in each stage of a residual quantizer
-        part = re.sub(r"^quantize\.(stages\.\d+\.)?", "", name) if name.startswith("quantize.") else name
-        scale = next((v for prefix, v in scales.items() if part != name and part.startswith(prefix)), 1.0)
+        # quantize.bridge.* / quantize.raw, or the same in each stage of a residual quantizer
+        part = re.match(r"quantize\.(?:stages\.\d+\.)?(bridge\.|raw$)", name)
+        scale = scales[part.group(1)] if part else 1.0
         groups.setdefault(scale, []).append(param)
     return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
 
