@@ -67,6 +67,7 @@ EXPERIMENTS = (
     Experiment("bridge-lr0.1", "the bridge and its raw codes at a tenth of the autoencoder's lr (FVQ's 1e-4)",
                ("quantizer.bridge_lr_scale=0.1", "quantizer.bridge_raw_lr_scale=0.1")),
     Experiment("dim32", "codes of 32 dimensions, towards FVQ's 256", ("quantizer.codebook_dim=32",)),
+    Experiment("dim256", "FVQ's codes of 256 dimensions (32x the lookup work of 8)", ("quantizer.codebook_dim=256",)),
 )
 
 
