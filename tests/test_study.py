@@ -36,6 +36,12 @@ def test_quick_study_runs_and_resumes(tmp_path):
     table = (out / "results.md").read_text()
     assert "| bridge B/8 | 64 |" in table and "python train/study.py --quick" in table
     assert (out / "usage_vs_k.png").is_file() and (out / "psnr_vs_k.png").is_file()
+    one_cell = subprocess.run(args() + ["--sizes", "64", "--quantizers", "vq"], capture_output=True, text=True,
+                              timeout=900)  # a study run cell by cell keeps one report of all its cells
+    assert one_cell.returncode == 0, one_cell.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text()) == results
+    command = (out / "results.md").read_text().splitlines()[0]
+    assert "--sizes 64,96 --steps 2 " in command and "--quantizers" not in command  # vq,bridge: --quick's
 
     ckpt = out / "runs" / "vq-64" / "ckpt.pt"
     stamp = ckpt.stat().st_mtime_ns
@@ -54,7 +60,8 @@ def test_quick_study_runs_and_resumes(tmp_path):
     assert report.returncode == 0 and not (out / "runs" / "vq-128").exists()  # nothing trained
     assert len(json.loads(result_file.read_text())["usage_train_by_density"]) == 1  # nor measured
     table = (out / "results.md").read_text()
-    assert "| vq | 64 | " in table and "| bridge | 128 | not run yet" in table
+    assert "| vq | 64 | " in table and "| vq | 128 | not run yet" in table
+    assert "| bridge | 128 | bridge codebook size 128 is not a perfect square" in table  # why, even unrun
     assert f"| bridge B/8 | 64 | {full['usage_train']:.1%} | n/a |" in table  # as if measured by an earlier version
     again = subprocess.run(args(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "usage_train at 50 tokens per code" in again.stdout

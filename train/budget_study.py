@@ -83,6 +83,21 @@ def row(experiment: Experiment, result: dict) -> dict:
             "threads": result.get("threads")}
 
 
+def tabulated() -> tuple[list[dict], list[str]]:
+    """A row for every finished run of every experiment, and the names of the runs not finished:
+    read from disk, so that processes running different experiments side by side each write the
+    whole report."""
+    rows, pending = [], []
+    for experiment in EXPERIMENTS:
+        for quantizer, k in experiment.runs:
+            result = finished_result(experiment.plan(), quantizer, k)
+            if result is None:
+                pending.append(f"{experiment.name} {quantizer}-{k}")
+            else:
+                rows.append(row(experiment, result))
+    return rows, pending
+
+
 def write_report(rows: list[dict], pending: list[str]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "usage_vs_budget.json").write_text(json.dumps(rows, indent=1))
@@ -151,22 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     if only - names:
         sys.exit(f"budget_study.py: unknown experiments {sorted(only - names)}: expected some of {sorted(names)}")
     wanted = set(args.runs.split(",")) if args.runs else None
-    rows, pending = [], []
-    for experiment in EXPERIMENTS:
-        plan = experiment.plan()
-        for quantizer, k in experiment.runs:
-            todo = experiment.name in only and (wanted is None or f"{quantizer}-{k}" in wanted)
-            try:
-                result = (run_one(plan, quantizer, k) if todo and not args.report_only
-                          else finished_result(plan, quantizer, k))
-            except StudyError as e:
-                sys.exit(f"budget_study.py: {e}")
-            if result is None:
-                pending.append(f"{experiment.name} {quantizer}-{k}")
-            else:
-                rows.append(row(experiment, result))
-                write_report(rows, pending)
-    write_report(rows, pending)
+    todo = [] if args.report_only else [(e, q, k) for e in EXPERIMENTS if e.name in only for q, k in e.runs
+                                        if wanted is None or f"{q}-{k}" in wanted]
+    for experiment, quantizer, k in todo:
+        try:
+            run_one(experiment.plan(), quantizer, k)
+        except StudyError as e:
+            sys.exit(f"budget_study.py: {e}")
+        write_report(*tabulated())
+    write_report(*tabulated())
     print((OUT / "usage_vs_budget.md").read_text())
 
 

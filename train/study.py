@@ -10,12 +10,14 @@ training tokens per code (--tokens-per-code: the batch of 32 crops grows in whol
 patch of 4, 2 that divides sqrt(K); W128-H4-D2/16 from 1024^2 codes), evaluates each
 on the held-out split (usage and PSNR on every tile, LPIPS and rFID on 512 of them) and over fresh
 training crops (usage_train at 10 and 50 tokens per code; 10 only beyond 262,144 codes), and writes
-OUT/results.json, OUT/results.md and the plots OUT/usage_vs_k.png and OUT/psnr_vs_k.png.
+OUT/results.json, OUT/results.md and the plots OUT/usage_vs_k.png and OUT/psnr_vs_k.png. The report
+covers every cell asked for and every finished run in OUT, so cells run one at a time, or by two
+processes side by side (one thread each: OMP_NUM_THREADS=1), add up to one table.
 Finished runs are not retrained (one measured at fewer usage_train densities is measured again from
 its checkpoint); a finished run of another budget or bridge stops the study with the reason. An
 interrupted run resumes from its last checkpoint (every 100 steps). --quick: K = 1024 and 4096, vq
 and bridge, 300 steps, no budget rule (minutes). --report-only: write the report from the runs
-finished so far (the others are listed as not run), training and measuring nothing.
+finished so far (the others are listed as not run yet), training and measuring nothing.
 key=value overrides apply to every run (e.g. batch_size=16).
 """
 
@@ -28,8 +30,9 @@ import sys
 from pathlib import Path
 
 from fullvq.config import QUANTIZERS
-from fullvq.study import RULE_TOKENS_PER_CODE, Plan, StudyError, finished_result, run_one, write_report
+from fullvq.study import RULE_TOKENS_PER_CODE, Plan, StudyError, run_one, tabulated, write_report
 
+OUT = Path("docs/study")
 QUICK = {"sizes": "1024,4096", "quantizers": "vq,bridge", "steps": 300, "metric_images": 64, "tokens_per_code": 0}
 FULL = {"sizes": "1024,16384,65536,262144", "quantizers": ",".join(QUANTIZERS), "steps": 3000, "metric_images": 512,
         "tokens_per_code": RULE_TOKENS_PER_CODE}
@@ -40,10 +43,9 @@ def csv(kind):
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--out", type=Path, default=Path("docs/study"))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--sizes", type=csv(int))
     p.add_argument("--quantizers", type=csv(str))
     p.add_argument("--steps", type=int)
@@ -66,24 +68,37 @@ def main(argv: list[str] | None = None) -> None:
                 metric_images=args.metric_images or defaults["metric_images"],
                 min_train_tokens_per_code=defaults["tokens_per_code"] if args.tokens_per_code is None
                 else args.tokens_per_code)
-    results = []
-    for k in plan.sizes:
-        for quantizer in plan.quantizers:
-            try:
-                if args.report_only:
-                    result = finished_result(plan, quantizer, k) or {
-                        "quantizer": quantizer, "codebook_size": k, "skipped": "not run yet"}
-                else:
-                    print(f"== {quantizer} K={k}", flush=True)
-                    result = run_one(plan, quantizer, k)
-            except ValueError as e:  # e.g. a K the bridge cannot lay out: recorded, the study goes on
-                result = {"quantizer": quantizer, "codebook_size": k, "skipped": str(e)}
-            except StudyError as e:
-                sys.exit(f"study.py: {e}")
-            results.append(result)
-            command = shlex.join(a for a in argv if a != "--report-only")  # the command that makes these runs
-            write_report(plan, results, f"python train/study.py {command}".rstrip(), _machine())
+    for quantizer, k in [] if args.report_only else [(q, k) for k in plan.sizes for q in plan.quantizers]:
+        print(f"== {quantizer} K={k}", flush=True)
+        try:
+            run_one(plan, quantizer, k)
+        except ValueError as e:  # e.g. a K the bridge cannot lay out: the report says why, the study goes on
+            print(f"   skipped: {e}", flush=True)
+        except StudyError as e:
+            sys.exit(f"study.py: {e}")
+        _report(args, plan, defaults)
+    _report(args, plan, defaults)
     print((plan.out / "results.md").read_text())
+
+
+def _report(args: argparse.Namespace, plan: Plan, defaults: dict) -> None:
+    """OUT's report: every cell asked for, and every finished run in OUT (fullvq.study.tabulated)."""
+    shown, results = tabulated(plan)
+    write_report(shown, results, _command(args, shown, defaults), _machine())
+
+
+def _command(args: argparse.Namespace, shown: Plan, defaults: dict) -> str:
+    """The command that makes every run of the report (its sizes and quantizers: the report's)."""
+    words = ["--quick"] if args.quick else []
+    words += ["--out", str(args.out)] if args.out != OUT else []
+    words += ["--sizes", ",".join(map(str, shown.sizes))] if shown.sizes != csv(int)(defaults["sizes"]) else []
+    if shown.quantizers != csv(str)(defaults["quantizers"]):
+        words += ["--quantizers", ",".join(shown.quantizers)]
+    words += ["--steps", str(args.steps)] if args.steps else []
+    words += ["--tokens-per-code", f"{args.tokens_per_code:g}"] if args.tokens_per_code is not None else []
+    words += ["--data", args.data] if args.data else []
+    words += ["--metric-images", str(args.metric_images)] if args.metric_images else []
+    return shlex.join(["python", "train/study.py", *words, *args.overrides])
 
 
 def _machine() -> str:

@@ -12,16 +12,16 @@ from __future__ import annotations
 import json
 import math
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from . import checkpoint, distributed
-from .config import Config, apply_override, preset
+from .config import QUANTIZERS, Config, apply_override, preset
 from .data import heldout_tiles, load_sources
 from .evaluation import evaluate_images
-from .quantizers.bridge import resolve_bridge
+from .quantizers.bridge import check_grid, parse_bridge, resolve_bridge
 from .trainer import MIN_TOKENS_PER_CODE, tokens_per_crop, train, usage_marks, usage_on_fresh_crops
 
 RESULT_KEYS = ("quantizer", "codebook_size", "usage", "num_tokens", "psnr", "psnr_y", "ssim", "lpips", "rfid",
@@ -72,6 +72,7 @@ def planned_config(plan: Plan, quantizer: str, k: int) -> Config:
         apply_override(cfg, assignment)
     if quantizer == "bridge":
         cfg.quantizer.bridge = resolve_bridge(cfg.quantizer.bridge, k)
+        check_grid(k, parse_bridge(cfg.quantizer.bridge).patch)  # a K it cannot lay out: ValueError, no run folder
     if quantizer == "lc":
         cfg.quantizer.lc_codebook = str(plan.out / "lc" / f"codebook-{k}.pt")
     cfg.batch_size = planned_batch(plan, cfg)
@@ -119,6 +120,28 @@ def finished_result(plan: Plan, quantizer: str, k: int) -> dict | None:
     if not (folder / "result.json").is_file():
         return None
     return json.loads((folder / "result.json").read_text())
+
+
+def tabulated(plan: Plan) -> tuple[Plan, list[dict]]:
+    """The plan widened to every size and quantizer with a finished run in plan.out, and one result per
+    cell of it, K by K: the finished run's, or why there is none (the reason the cell cannot be laid
+    out, or "not run yet"). What a report shows, so that a study run cell by cell, or by two processes
+    side by side, never leaves a report of fewer cells than it has."""
+    done = [json.loads(p.read_text()) for p in sorted((plan.out / "runs").glob("*/result.json"))]
+    extra = {r["quantizer"] for r in done} - set(plan.quantizers)
+    shown = replace(plan, sizes=sorted({*plan.sizes, *(r["codebook_size"] for r in done)}),
+                    quantizers=[*plan.quantizers, *(q for q in QUANTIZERS if q in extra)])
+    return shown, [finished_result(shown, q, k)
+                   or {"quantizer": q, "codebook_size": k, "skipped": _why_not_run(shown, q, k)}
+                   for k in shown.sizes for q in shown.quantizers]
+
+
+def _why_not_run(plan: Plan, quantizer: str, k: int) -> str:
+    try:
+        planned_config(plan, quantizer, k)
+    except ValueError as e:  # e.g. a K the bridge cannot lay out
+        return str(e)
+    return "not run yet"
 
 
 def check_comparable(plan: Plan, result: dict) -> None:
