@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -241,9 +242,11 @@ def write_report(plan: Plan, results: list[dict], command: str, machine: str) ->
                      f"{r['num_tokens']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {_fmt(r['lpips'], '.3f')} | "
                      f"{_fmt(r['rfid'], '.1f')} | {r['steps']} x {r['batch_size']} | {_fmt(r['step_time_s'], '.3f')}{' s' if r['step_time_s'] is not None else ''} ({r.get('threads', '?')} thr) |")
     (plan.out / "results.md").write_text("\n".join(lines) + "\n")
-    _plot(plan.out / "usage_vs_k.png", results, "usage_train",
-          f"codebook usage ({MIN_TOKENS_PER_CODE} tokens per code, fresh training crops)", percent=True)
-    _plot(plan.out / "psnr_vs_k.png", results, "psnr", "held-out PSNR (dB)")
+    finished = [r for r in results if "skipped" not in r]
+    _plot(plan.out / "usage_vs_k.png", finished, "codebook usage (%), fresh training crops",
+          {f"usage_train at {t} tokens per code": lambda r, t=t: _percent(usage_at(r["usage_train_by_density"], t))
+           for t in (MIN_TOKENS_PER_CODE, plan.eval_tokens_per_code)})
+    _plot(plan.out / "psnr_vs_k.png", finished, "held-out PSNR (dB)", {"": lambda r: r["psnr"]})
 
 
 def _label(result: dict) -> str:
@@ -260,23 +263,28 @@ def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _plot(path: Path, results: list[dict], key: str, label: str, percent: bool = False) -> None:
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def _plot(path: Path, results: list[dict], ylabel: str, panels: dict[str, Callable[[dict], float | None]]) -> None:
+    """One panel per title in panels, each a line per quantizer of panels[title](result) against K."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for quantizer in dict.fromkeys(r["quantizer"] for r in results):
-        points = sorted((r["codebook_size"], r[key]) for r in results
-                        if r["quantizer"] == quantizer and r.get(key) is not None)
-        if points:
-            ks, values = zip(*points)
-            ax.plot(ks, [v * 100 for v in values] if percent else values, marker="o", label=quantizer)
-    ax.set(xscale="log", xlabel="codebook size K",
-           ylabel=textwrap.fill(label + (" (%)" if percent else ""), 36))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), dpi=120, sharey=True, squeeze=False)
+    for ax, (title, value) in zip(axes[0], panels.items(), strict=True):
+        for quantizer in dict.fromkeys(r["quantizer"] for r in results):
+            points = sorted((r["codebook_size"], v) for r in results
+                            if r["quantizer"] == quantizer and (v := value(r)) is not None)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=quantizer)
+        ax.set(xscale="log", xlabel="codebook size K", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    axes[0][0].set_ylabel(textwrap.fill(ylabel, 36))
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
