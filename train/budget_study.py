@@ -60,6 +60,8 @@ EXPERIMENTS = (
     Experiment("L8", "the paper's bridge (FVQ's scripts: L/8 beyond 16,384 codes)", ("quantizer.bridge=L/8",)),
     Experiment("L8-batch128", "the paper's bridge with 4x the tokens per step",
                ("quantizer.bridge=L/8", "batch_size=128"), runs=(("bridge", 65536), ("bridge", 262144))),
+    Experiment("L8-batch256", "the paper's bridge with 8x the tokens per step (750 per code at 65k)",
+               ("quantizer.bridge=L/8", "batch_size=256")),
     Experiment("steps12000", "4x the steps at the study's batch", steps=12000),
     Experiment("raw-lr10", "the raw codes learning 10x faster than the bridge", ("quantizer.bridge_raw_lr_scale=10",)),
     Experiment("raw-lr0.1", "the raw codes learning 10x slower than the bridge",
