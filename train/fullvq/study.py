@@ -240,12 +240,14 @@ def write_report(plan: Plan, results: list[dict], command: str, machine: str) ->
         lines.append(f"| {_label(r)} | {r['codebook_size']} | {r['usage_train']:.1%} | {_fmt(dense, '.1%')} | "
                      f"{r['usage']:.1%} | "
                      f"{r['num_tokens']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {_fmt(r['lpips'], '.3f')} | "
-                     f"{_fmt(r['rfid'], '.1f')} | {r['steps']} x {r['batch_size']} | {_fmt(r['step_time_s'], '.3f')}{' s' if r['step_time_s'] is not None else ''} ({r.get('threads', '?')} thr) |")
+                     f"{_fmt(r['rfid'], '.1f')} | {r['steps']} x {r['batch_size']} | {_seconds(r['step_time_s'])} "
+                     f"({r.get('threads', '?')} thr) |")
     (plan.out / "results.md").write_text("\n".join(lines) + "\n")
     finished = [r for r in results if "skipped" not in r]
-    _plot(plan.out / "usage_vs_k.png", finished, "codebook usage (%), fresh training crops",
-          {f"usage_train at {t} tokens per code": lambda r, t=t: _percent(usage_at(r["usage_train_by_density"], t))
-           for t in (MIN_TOKENS_PER_CODE, plan.eval_tokens_per_code)})
+    usage = {f"usage_train at {t} tokens per code":
+             lambda r, t=t: _percent(usage_at(r.get("usage_train_by_density", []), t))
+             for t in (MIN_TOKENS_PER_CODE, plan.eval_tokens_per_code)}
+    _plot(plan.out / "usage_vs_k.png", finished, "codebook usage (%), fresh training crops", usage)
     _plot(plan.out / "psnr_vs_k.png", finished, "held-out PSNR (dB)", {"": lambda r: r["psnr"]})
 
 
@@ -261,6 +263,10 @@ def usage_at(curve: list[dict], tokens_per_code: int) -> float | None:
 
 def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f} s"
 
 
 def _percent(value: float | None) -> float | None:
