@@ -139,6 +139,26 @@ def test_resume_continues_bit_identically(tmp_path, photo_dir, ema_decay):
         assert torch.equal(a["ema"][key], b["ema"][key]), key
 
 
+def test_lc_run_resumes_from_a_config_built_anew(tmp_path, photo_dir):
+    """train/study.py resumes with the planned config, whose lc feature width is not yet measured: the
+    checkpoint's frozen centres set it, and the run ends as if never interrupted."""
+    codebook = tmp_path / "lc.pt"
+    torch.save({"format": "fullvq-lc-codebook", "version": 1, "codebook": torch.randn(256, 24)}, codebook)
+
+    def config(name):
+        return small_config(tmp_path / name, photo_dir, **{"quantizer.name": "lc", "quantizer.lc_codebook": codebook})
+
+    train(config("straight"))
+    assert train(config("resumed"), stop_at=2) is None
+    resumed = config("resumed")
+    assert resumed.quantizer.lc_feature_dim == 0
+    train(resumed, resume=True)
+    a, b = (checkpoint.load(tmp_path / name / "run" / "ckpt.pt") for name in ("straight", "resumed"))
+    assert b["model"]["quantize.frozen"].shape == (256, 24)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
 def test_bridge_raw_lr_scale_sets_the_raw_codes_own_learning_rate(tmp_path, photo_dir):
     from fullvq.models import build_model
     from fullvq.trainer import param_groups

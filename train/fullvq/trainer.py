@@ -57,6 +57,8 @@ def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) 
     if d.main:  # an --out that cannot be written fails here, before any training; killed writes' temp files go
         checkpoint.prepare_run_folder(ckpt_path)
     peak_scale = cfg.batch_size * d.world / cfg.lr_base_batch if cfg.lr_base_batch else 1.0
+    if state is not None:  # lc's feature width is measured from its codebook file when a run starts
+        cfg.quantizer.lc_feature_dim = Config.from_dict(state["config"]).quantizer.lc_feature_dim
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, from_checkpoint=state is not None).to(d.device)
     if state is not None:
