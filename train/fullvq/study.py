@@ -128,11 +128,11 @@ def tabulated(plan: Plan) -> tuple[Plan, list[dict]]:
     cell of it, K by K: the finished run's, or why there is none (the reason the cell cannot be laid
     out, or "not run yet"). What a report shows, so that a study run cell by cell, or by two processes
     side by side, never leaves a report of fewer cells than it has."""
-    done = [json.loads(p.read_text()) for p in sorted((plan.out / "runs").glob("*/result.json"))]
-    extra = {r["quantizer"] for r in done} - set(plan.quantizers)
-    shown = replace(plan, sizes=sorted({*plan.sizes, *(r["codebook_size"] for r in done)}),
+    done = {p.parent: json.loads(p.read_text()) for p in (plan.out / "runs").glob("*/result.json")}
+    extra = {r["quantizer"] for r in done.values()} - set(plan.quantizers)
+    shown = replace(plan, sizes=sorted({*plan.sizes, *(r["codebook_size"] for r in done.values())}),
                     quantizers=[*plan.quantizers, *(q for q in QUANTIZERS if q in extra)])
-    return shown, [finished_result(shown, q, k)
+    return shown, [done.get(shown.run_dir(q, k))
                    or {"quantizer": q, "codebook_size": k, "skipped": _why_not_run(shown, q, k)}
                    for k in shown.sizes for q in shown.quantizers]
 
