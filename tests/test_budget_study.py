@@ -25,16 +25,16 @@ def report(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def test_report_tables_finished_runs_with_their_budgets(tmp_path):
     budget = tmp_path / "docs" / "study" / "budget"
     finished(budget / "L8" / "runs" / "bridge-65536", "bridge", 65536, (0.7225, 0.7783), 11, "L/8")
-    finished(budget / "L8-batch128" / "runs" / "bridge-65536", "bridge", 65536, (0.9612, 0.985), 0, "L/8")
+    finished(budget / "L8-rule" / "runs" / "bridge-65536", "bridge", 65536, (0.9612, 0.985), 0, "L/8")
     done = report(tmp_path, "--report-only")
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "docs" / "study" / "usage_vs_budget.md").read_text()
     assert "| L8 | bridge L/8 | 65536 | 3000 x 32 | 94 | 72.2% | 77.8% | 11 | 37.50 | 80.2 | 1.50 s (1 thr) |" in table
-    assert "| L8-batch128 | bridge L/8 | 65536 | 3000 x 128 | 375 | 96.1% | 98.5% | 0 |" in table
-    assert "Not run yet: L8-batch128 bridge-262144" in table and "Not run yet: L8 bridge-65536" not in table
-    assert table.index("| L8 |") < table.index("| L8-batch128 |")  # K, then quantizer, then budget
+    assert "| L8-rule | bridge L/8 | 65536 | 3000 x 128 | 375 | 96.1% | 98.5% | 0 |" in table
+    assert "Not run yet: L8-rule bridge-262144" in table and "Not run yet: L8 bridge-65536" not in table
+    assert table.index("| L8 |") < table.index("| L8-rule |")  # K, then quantizer, then budget
     rows = json.loads((tmp_path / "docs" / "study" / "usage_vs_budget.json").read_text())
-    assert [(r["experiment"], r["train_tokens_per_code"]) for r in rows] == [("L8", 93.75), ("L8-batch128", 375.0)]
+    assert [(r["experiment"], r["train_tokens_per_code"]) for r in rows] == [("L8", 93.75), ("L8-rule", 375.0)]
     assert (tmp_path / "docs" / "study" / "usage_vs_budget.png").stat().st_size > 0
 
 

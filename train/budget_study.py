@@ -1,6 +1,6 @@
 """Codebook usage against training budget: what the bridge needs to use every code at 65k and 262k.
 
-    python train/budget_study.py [--only batch128,L8] [--runs bridge-65536] [--report-only]
+    python train/budget_study.py [--only L8,L8-rule] [--runs bridge-65536] [--report-only]
 
 Each experiment tests one hypothesis for the bridge's missing codes at large K as study runs
 (fullvq.study: the tiny preset, one seed, evaluated as the study evaluates) in
@@ -58,8 +58,9 @@ EXPERIMENTS = (
                "tokens per step at 65k (128 crops), 16x at 262k (512), which costs the bridge nothing", runs=BOTH,
                tokens_per_code=RULE_TOKENS_PER_CODE),
     Experiment("L8", "the paper's bridge (FVQ's scripts: L/8 beyond 16,384 codes)", ("quantizer.bridge=L/8",)),
-    Experiment("L8-batch128", "the paper's bridge with 4x the tokens per step",
-               ("quantizer.bridge=L/8", "batch_size=128"), runs=(("bridge", 65536), ("bridge", 262144))),
+    Experiment("L8-rule", f"the paper's bridge under the study's rule ({RULE_TOKENS_PER_CODE} training tokens per "
+               "code: 128 crops a step at 65k, 512 at 262k)", ("quantizer.bridge=L/8",),
+               runs=(("bridge", 65536), ("bridge", 262144)), tokens_per_code=RULE_TOKENS_PER_CODE),
     Experiment("L8-batch256", "the paper's bridge with 8x the tokens per step (750 per code at 65k)",
                ("quantizer.bridge=L/8", "batch_size=256")),
     Experiment("steps12000", "4x the steps at the study's batch", steps=12000),
