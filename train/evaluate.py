@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         sys.exit(f"evaluate.py: {e}")
     crop = "resize" if args.image_size is not None else args.crop or "tiles"
     size = args.image_size or cfg.image_size
-    d = distributed.setup()
-    try:
+    with distributed.session() as d:
         model.to(d.device)
         tiles = sources = None
         if files is None and crop in ("tiles", "center"):
@@ -126,8 +125,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         save_code_histogram(out.with_suffix(".codes.png"), counts)
         _report(metrics, skipped, out, args.max_pixels)
         return metrics
-    finally:
-        distributed.teardown()
 
 
 def plan_line(evaluator: Evaluator, model, planned: int, every: int, crop: str, size: int, trained: int) -> str:

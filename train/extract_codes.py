@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         sources, labels, class_names = labelled_sources(args.data or "")
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"extract_codes.py: {e}")
-    d = distributed.setup()
-    try:
+    with distributed.session() as d:
         result = extract(model.to(d.device), sources, size, args.batch_size, d.device, not args.no_flip,
                          progress=d.main)
         if result is None:
@@ -76,8 +75,6 @@ def main(argv: list[str] | None = None) -> dict | None:
               f"{'' if size == cfg.image_size else f' (the tokenizer was trained at {cfg.image_size} px)'}, "
               f"{len(meta['skipped'])} skipped")
         return meta
-    finally:
-        distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,14 @@ def mean_across(value: torch.Tensor) -> torch.Tensor:
     return sum_across(value) / (dist.get_world_size() if dist.is_initialized() else 1)
 
 
-def teardown() -> None:
+@contextmanager
+def session() -> Iterator[Dist]:
+    """setup() for a with-block. When the block ends cleanly, the ranks meet at a barrier and tear the
+    group down together: gloo can abort a rank that tears down while another still works (rank 0
+    writing its files). After an error the group is left to the process's exit, as a teardown could
+    wait forever on ranks that are still inside a collective."""
+    d = setup()
+    yield d
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -36,11 +36,8 @@ def train(cfg: GPTConfig, resume: bool = False, stop_at: int | None = None) -> d
     """Trains to cfg.steps (or until `stop_at`, checkpointing there) on the codes folder cfg.codes and
     returns the final metrics on rank 0 (None elsewhere, and when stopped early). The vocabulary, grid,
     classes and tokenizer of cfg are set from the codes; `resume` continues cfg.out/ckpt.pt."""
-    d = distributed.setup()
-    try:
+    with distributed.session() as d:
         return _train(cfg, d, resume, stop_at)
-    finally:
-        distributed.teardown()
 
 
 def check_codes(run: GPTConfig, meta: dict) -> None:

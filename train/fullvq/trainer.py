@@ -35,11 +35,8 @@ VAL_CROPS = ("center", "resize", "tiles")
 def train(cfg: Config, resume: bool = False, stop_at: int | None = None) -> dict | None:
     """Trains to cfg.steps (or until `stop_at`, checkpointing there) and returns the final metrics
     on rank 0 (None elsewhere, and when stopped early). `resume` continues cfg.out/ckpt.pt."""
-    d = distributed.setup()
-    try:
+    with distributed.session() as d:
         return _train(cfg, d, resume, stop_at)
-    finally:
-        distributed.teardown()
 
 
 def _train(cfg: Config, d: distributed.Dist, resume: bool, stop_at: int | None) -> dict | None:
