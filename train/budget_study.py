@@ -136,13 +136,15 @@ def _plot(rows: list[dict], path: Path) -> None:
     for r in (r for r in rows if r["quantizer"] in PLOTTED):
         label = " ".join(filter(None, (r["quantizer"], r["bridge"], f"K={r['codebook_size']}", r["variant"])))
         series.setdefault(label, []).append(r)
+    colours = dict(zip(series, plt.get_cmap("tab20").colors, strict=False))  # one per series, both panels
     for ax, key, density in ((axes[0], "usage_10", 10), (axes[1], "usage_50", 50)):
         for label, points in series.items():
             points = sorted((p for p in points if p[key] is not None), key=lambda p: p["train_tokens_per_code"])
             if points:
                 ax.plot([p["train_tokens_per_code"] for p in points], [100 * p[key] for p in points],
                         marker="o" if points[0]["codebook_size"] < 262144 else "s",
-                        linestyle="-" if points[0]["quantizer"] == "bridge" else "--", label=label)
+                        linestyle="-" if points[0]["quantizer"] == "bridge" else "--", color=colours.get(label),
+                        label=label)
         ax.axhline(99, color="grey", linewidth=0.8, linestyle=":")
         ax.set(xscale="log", xlabel="training tokens per code", title=f"usage_train at {density} tokens per code")
         budgets = sorted({round(r["train_tokens_per_code"]) for points in series.values() for r in points})
