@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fullvq.study import Plan, StudyError, check_comparable, planned_config
+from fullvq.study import Plan, StudyError, check_comparable, planned_config, tabulated
 
 STUDY = str(Path(__file__).resolve().parents[1] / "train" / "study.py")
 
@@ -76,6 +76,20 @@ def test_quick_study_runs_and_resumes(tmp_path):
     other = subprocess.run(args(), capture_output=True, text=True, timeout=900)
     assert other.returncode != 0
     assert "holds a finished run of the bridge W128-H2-D2/8, this study trains B/8" in other.stderr
+
+
+def test_report_says_how_far_an_unfinished_run_got(tmp_path):
+    plan = Plan(out=tmp_path, sizes=[1024], quantizers=["vq", "fc"], steps=300)
+    folder = plan.run_dir("vq", 1024)
+    folder.mkdir(parents=True)
+    lines = [{"step": 50, "usage": 0.5, "psnr": 20.0}, {"step": 100, "usage": 0.01234, "psnr": 25.678}]
+    (folder / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"step": 150, "us')  # a kill
+    vq, fc = tabulated(plan)[1]
+    assert vq["skipped"] == ("unfinished, step 100 of 300 (no checkpoint here: starts over): its last 50 steps used "
+                             "1.23% of the codes, training PSNR 25.68")
+    assert fc["skipped"] == "not run yet"
+    (folder / "ckpt.pt").write_bytes(b"")
+    assert "step 100 of 300 (resumes from its checkpoint)" in tabulated(plan)[1][0]["skipped"]
 
 
 def test_budget_rule_grows_the_batch_in_whole_multiples(tmp_path):

@@ -17,7 +17,8 @@ Finished runs are not retrained (one measured at fewer usage_train densities is 
 its checkpoint); a finished run of another budget or bridge stops the study with the reason. An
 interrupted run resumes from its last checkpoint (every 100 steps). --quick: K = 1024 and 4096, vq
 and bridge, 300 steps, no budget rule (minutes). --report-only: write the report from the runs
-finished so far (the others are listed as not run yet), training and measuring nothing.
+finished so far (the others as not run yet, or how far their training got), training and
+measuring nothing.
 key=value overrides apply to every run (e.g. batch_size=16).
 """
 

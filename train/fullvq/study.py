@@ -126,8 +126,8 @@ def finished_result(plan: Plan, quantizer: str, k: int) -> dict | None:
 def tabulated(plan: Plan) -> tuple[Plan, list[dict]]:
     """The plan widened to every size and quantizer with a finished run in plan.out, and one result per
     cell of it, K by K: the finished run's, or why there is none (the reason the cell cannot be laid
-    out, or "not run yet"). What a report shows, so that a study run cell by cell, or by two processes
-    side by side, never leaves a report of fewer cells than it has."""
+    out, how far an unfinished run got, or "not run yet"). What a report shows, so that a study run
+    cell by cell, or by two processes side by side, never leaves a report of fewer cells than it has."""
     done = {p.parent: json.loads(p.read_text()) for p in (plan.out / "runs").glob("*/result.json")}
     extra = {r["quantizer"] for r in done.values()} - set(plan.quantizers)
     shown = replace(plan, sizes=sorted({*plan.sizes, *(r["codebook_size"] for r in done.values())}),
@@ -139,10 +139,25 @@ def tabulated(plan: Plan) -> tuple[Plan, list[dict]]:
 
 def _why_not_run(plan: Plan, quantizer: str, k: int) -> str:
     try:
-        planned_config(plan, quantizer, k)
+        cfg = planned_config(plan, quantizer, k)
     except ValueError as e:  # e.g. a K the bridge cannot lay out
         return str(e)
-    return "not run yet"
+    return _how_far(plan.run_dir(quantizer, k), cfg) or "not run yet"
+
+
+def _how_far(folder: Path, cfg: Config) -> str | None:
+    """How far an unfinished run got, from the last whole line of its training log (None: no log).
+    Its window usage is a sign, not usage_train: codes hit by the last log_every steps' tokens."""
+    log = folder / "log.jsonl"
+    for line in reversed(log.read_text(errors="replace").splitlines() if log.is_file() else []):
+        try:
+            last = json.loads(line)
+        except ValueError:  # cut short by a kill
+            continue
+        fate = "resumes from its checkpoint" if (folder / "ckpt.pt").is_file() else "no checkpoint here: starts over"
+        return (f"unfinished, step {last['step']} of {cfg.steps} ({fate}): its last {cfg.log_every} steps used "
+                f"{last['usage']:.2%} of the codes, training PSNR {last['psnr']:.2f}")
+    return None
 
 
 def check_comparable(plan: Plan, result: dict) -> None:
