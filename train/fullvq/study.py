@@ -242,7 +242,7 @@ def write_report(plan: Plan, results: list[dict], command: str, machine: str) ->
     """results.json, results.md (a table) and the two plots."""
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "results.json").write_text(json.dumps(results, indent=1))
-    lines = [f"Command: `{command}`  ", f"Machine: {machine}", "",
+    lines = [f"Command: `{command}`  ", f"Report written on: {machine}", "",
              f"| quantizer | K | usage_train ({MIN_TOKENS_PER_CODE} tokens/code) | usage_train "
              f"({plan.eval_tokens_per_code} tokens/code) | held-out usage | tokens (held-out) | PSNR | SSIM | "
              f"LPIPS ({plan.metric_images} tiles) | rFID ({plan.metric_images} tiles) | steps x batch | step |",
